@@ -1,0 +1,900 @@
+"""chatserver: a small, fast WebSocket chat-room server.
+
+Run it with ``python chatserver.py`` (or ``chatserver`` once installed) and
+open ``public/index.html`` in a browser, from disk or from any web server:
+``python -m http.server -d public`` serves it on http://localhost:8000/.
+
+The server speaks the chat protocol described in README.md: clients connect to
+``ws://HOST:8765/ROOM?name=NICK&since=SEQ&epoch=EPOCH``, send chat lines as
+text frames and receive JSON frames (``{"type": "sys"|"user", ...}``).  It
+keeps rooms, nicknames and each room's recent history in memory.  It does not
+serve the page; it answers a few plain HTTP requests on the same port
+(``/healthz``, ``/metrics``).
+
+It is meant to face the internet: every limit (message size, rate, rooms,
+clients, slow readers) is a command-line flag with a sane default.
+
+The module reads top-down: configuration, frames, the chat logic (no I/O),
+the fan-out, the connection handler, the HTTP answers, then ``main()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import re
+import resource
+import secrets
+import signal
+import ssl
+import sys
+import time
+import unicodedata
+import urllib.parse
+from collections.abc import Callable, Iterable
+
+import websockets
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+__all__ = ["Config", "Chat", "Room", "Member", "ChatServer", "listen", "shut_down", "main"]
+
+log = logging.getLogger("chatserver")
+
+
+# Configuration ------------------------------------------------------------
+
+DEFAULT_PORT = 8765  # not 8000: `python -m http.server` takes that one.
+HISTORY_MESSAGES = 100
+ROOM_TTL_S = 3600.0
+MAX_CHARS = 2000
+MAX_SIZE_BYTES = 64 * 1024
+RATE_PER_S = 5.0
+BURST_MESSAGES = 20
+FLOOD_CLOSE_S = 10.0
+MAX_ROOMS = 10_000
+MAX_CLIENTS = 10_000
+MAX_PER_IP = 100
+MAX_BUFFER_BYTES = 1024 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0
+PING_INTERVAL_S = 20.0
+PING_TIMEOUT_S = 20.0
+SHUTDOWN_TIMEOUT_S = 5.0
+
+NAME_MAX_CHARS = 32
+LOBBY = "lobby"
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
+FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
+SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
+
+# WebSocket close codes we use, besides the library's own (1007 bad UTF-8,
+# 1009 frame too big, 1011 ping timeout).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # flooding, too slow
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that can be set from the command line, with its default."""
+
+    host: str | None = None  # None: all interfaces, like http.server
+    port: int = DEFAULT_PORT
+    history: int = HISTORY_MESSAGES
+    room_ttl: float = ROOM_TTL_S
+    max_chars: int = MAX_CHARS
+    max_size: int = MAX_SIZE_BYTES
+    rate: float = RATE_PER_S
+    burst: int = BURST_MESSAGES
+    flood_close: float = FLOOD_CLOSE_S
+    max_rooms: int = MAX_ROOMS
+    max_clients: int = MAX_CLIENTS
+    max_per_ip: int = MAX_PER_IP
+    trust_proxy: bool = False
+    allow_origin: tuple[str, ...] = ()
+    max_buffer: int = MAX_BUFFER_BYTES
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S
+    ping_interval: float = PING_INTERVAL_S
+    ping_timeout: float = PING_TIMEOUT_S
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S
+    certfile: str | None = None
+    keyfile: str | None = None
+    log_level: str = "INFO"
+
+
+# Frames -------------------------------------------------------------------
+#
+# Every frame the server sends is built here, as a dict.  `encode` turns one
+# into the bytes of a JSON text message, once, whatever the number of readers.
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def encode(frame: dict) -> bytes:
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
+    return {"type": "sys", "event": event, "room": room, "message": message,
+            "ts": now_ms(), **fields}
+
+
+def welcome(room: str, name: str, online: list[str], seq: int, epoch: str) -> dict:
+    return sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
+                     name=name, online=online, seq=seq, epoch=epoch)
+
+
+def joined(room: str, name: str, count: int) -> dict:
+    return sys_frame(room, "join", f"{name} has joined", name=name, count=count)
+
+
+def left(room: str, name: str, count: int) -> dict:
+    return sys_frame(room, "leave", f"{name} has left", name=name, count=count)
+
+
+def renamed(room: str, old: str, new: str) -> dict:
+    return sys_frame(room, "nick", f"{old} is now known as {new}", old=old, name=new)
+
+
+def who(room: str, online: list[str]) -> dict:
+    names = ", ".join(online)
+    return sys_frame(room, "who", f"{len(online)} online: {names}",
+                     online=online, count=len(online))
+
+
+HELP_TEXT = (
+    "Commands: /nick NAME (change your name), /me ACTION (say what you do), "
+    "/who (who is here), /help (this text). Start a line with // to send a "
+    "literal /."
+)
+
+
+def help_frame(room: str) -> dict:
+    return sys_frame(room, "help", HELP_TEXT)
+
+
+def error(room: str, message: str) -> dict:
+    return sys_frame(room, "error", message)
+
+
+def gap(room: str, missed: int) -> dict:
+    return sys_frame(room, "gap", f"{missed} earlier messages are no longer kept",
+                     missed=missed)
+
+
+def shutdown(room: str) -> dict:
+    return sys_frame(room, "shutdown", "The server is shutting down; reconnect soon.")
+
+
+def chat(room: str, name: str, text: str, seq: int, action: bool = False) -> dict:
+    frame = {"type": "user", "room": room, "id": name, "message": text,
+             "ts": now_ms(), "seq": seq}
+    if action:
+        frame["action"] = True
+    return frame
+
+
+# Chat logic (no I/O) ------------------------------------------------------
+#
+# `Chat` holds the rooms and turns what clients do (join, send a line, leave)
+# into frames.  Frames for one member are returned to the caller; frames for a
+# whole room are queued on the room (`Room.pending`) for the fan-out to send,
+# so that several messages can go out in one write per client.
+
+
+class Refused(Exception):
+    """A handshake that must be refused: an HTTP status and a plain reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclasses.dataclass(eq=False)
+class Member:
+    """One connected client in one room."""
+
+    name: str
+    room: Room
+    address: str = ""
+    connection: ServerConnection | None = None  # set by the I/O layer
+    tokens: float = 0.0  # rate limit bucket
+    refilled_at: float = 0.0
+    flooding_since: float | None = None
+    flood_error_at: float = float("-inf")
+    rejected_at: float = float("-inf")
+    close_with: tuple[int, str] | None = None  # set when the member must go
+
+
+@dataclasses.dataclass(eq=False)
+class Room:
+    """A chat room: who is in it, its message numbering and recent history."""
+
+    name: str
+    history_limit: int
+    epoch: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
+    seq: int = 0  # last seq given out
+    delivered_seq: int = 0  # last seq handed to the fan-out
+    members: dict[str, Member] = dataclasses.field(default_factory=dict)  # by folded name
+    history: collections.deque[tuple[int, bytes]] = dataclasses.field(init=False)
+    pending: list[bytes] = dataclasses.field(default_factory=list)  # room frames not yet sent
+    pending_seq: list[int] = dataclasses.field(default_factory=list)
+    empty_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.history = collections.deque(maxlen=self.history_limit)
+
+    def online(self) -> list[str]:
+        return [member.name for member in self.members.values()]
+
+    def has_name(self, name: str) -> bool:
+        return fold(name) in self.members
+
+    def unique_name(self, wanted: str) -> str:
+        """`wanted`, or `wanted-2`, `wanted-3`... whichever is free here."""
+        name, n = wanted, 1
+        while self.has_name(name):
+            n += 1
+            suffix = f"-{n}"
+            name = wanted[: NAME_MAX_CHARS - len(suffix)] + suffix
+        return name
+
+    def announce(self, frame: dict) -> None:
+        """Queue a frame for everyone in the room."""
+        self.pending.append(encode(frame))
+
+    def post(self, name: str, text: str, action: bool = False) -> None:
+        """Number a chat message, keep it in history, queue it for everyone."""
+        self.seq += 1
+        data = encode(chat(self.name, name, text, self.seq, action))
+        self.history.append((self.seq, data))
+        self.pending.append(data)
+        self.pending_seq.append(self.seq)
+
+    def take_pending(self) -> list[bytes]:
+        """Hand the queued frames to the fan-out."""
+        frames, self.pending = self.pending, []
+        if self.pending_seq:
+            self.delivered_seq = self.pending_seq[-1]
+            self.pending_seq = []
+        return frames
+
+    def history_since(self, since: int | None) -> tuple[int, list[bytes]]:
+        """(missed, frames): the delivered history after `since`, oldest first.
+
+        `missed` counts messages after `since` that are no longer kept.  Frames
+        still pending are left out: the fan-out will bring them.
+        """
+        start = 0 if since is None else since
+        kept = [data for seq, data in self.history if start < seq <= self.delivered_seq]
+        oldest = self.history[0][0] if self.history else self.delivered_seq + 1
+        missed = max(0, min(oldest, self.delivered_seq + 1) - start - 1)
+        return (missed if since is not None else 0), kept
+
+
+def fold(name: str) -> str:
+    """Names are unique regardless of case: `Alice` and `alice` clash."""
+    return name.casefold()
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a nickname, or None if it can."""
+    if not 1 <= len(name) <= NAME_MAX_CHARS:
+        return f"a name has 1 to {NAME_MAX_CHARS} characters"
+    # Categories C* (control, format such as bidi overrides, unassigned) and
+    # Z* (spaces, separators) would let a name hide, spoof or break a line.
+    if any(unicodedata.category(char)[0] in "CZ" for char in name):
+        return "a name cannot contain spaces or control characters"
+    return None
+
+
+def text_problem(text: str, max_chars: int) -> str | None:
+    """Why `text` cannot be sent as a chat message, or None if it can."""
+    if len(text) > max_chars:
+        return (f"message too long ({len(text)} characters; the limit is "
+                f"{max_chars}); it was not sent")
+    if any(unicodedata.category(char) == "Cc" and char not in "\n\t" for char in text):
+        return "control characters are not allowed in messages; it was not sent"
+    return None
+
+
+Outgoing = list[tuple[Member, bytes]]
+
+
+class Chat:
+    """All rooms of one server and the rules of the chat.  No I/O here."""
+
+    def __init__(self, config: Config = Config(), clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.rooms: dict[str, Room] = {}
+
+    # Rooms
+
+    def check_room(self, room_name: str) -> None:
+        """Raise Refused if a client may not enter `room_name` now."""
+        if room_name in self.rooms:
+            return
+        if len(self.rooms) >= self.config.max_rooms and not self.forget_idle_rooms(force_one=True):
+            raise Refused(503, "too many rooms on this server; try again later")
+
+    def open_room(self, room_name: str) -> Room:
+        room = self.rooms.get(room_name)
+        if room is None:
+            room = self.rooms[room_name] = Room(room_name, self.config.history)
+        room.empty_since = None
+        return room
+
+    def forget_idle_rooms(self, force_one: bool = False) -> int:
+        """Forget rooms empty for longer than --room-ttl; with `force_one`,
+        forget at least the longest-idle empty room.  Returns how many."""
+        now = self.clock()
+        idle = sorted((room.empty_since, name) for name, room in self.rooms.items()
+                      if room.empty_since is not None)
+        expired = [name for since, name in idle if now - since >= self.config.room_ttl]
+        if force_one and not expired and idle:
+            expired = [idle[0][1]]
+        for name in expired:
+            del self.rooms[name]
+        return len(expired)
+
+    def forget_if_expired(self, room_name: str) -> None:
+        room = self.rooms.get(room_name)
+        if room and room.empty_since is not None and \
+                self.clock() - room.empty_since >= self.config.room_ttl:
+            del self.rooms[room_name]
+
+    # What clients do
+
+    def join(self, room_name: str, wanted: str | None = None, since: int | None = None,
+             epoch: str | None = None, address: str = "") -> tuple[Member, Outgoing]:
+        """Add a newcomer: its welcome, what it missed, and a join notice."""
+        self.forget_if_expired(room_name)
+        room = self.open_room(room_name)
+        notes = []
+        if wanted is not None:
+            wanted = unicodedata.normalize("NFC", wanted)
+            problem = name_problem(wanted)
+            if problem:
+                notes.append(error(room.name, f"name {wanted!r} refused: {problem}; "
+                                   "you are a guest"))
+                wanted = None
+        name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
+        member = Member(name, room, address, tokens=self.config.burst,
+                        refilled_at=self.clock())
+        room.members[fold(name)] = member
+
+        if epoch != room.epoch:
+            since = None  # another epoch: its numbers mean nothing here
+        missed, frames = room.history_since(since)
+        out = [(member, encode(welcome(room.name, name, room.online(), room.delivered_seq,
+                                       room.epoch)))]
+        out += [(member, encode(note)) for note in notes]
+        if missed:
+            out.append((member, encode(gap(room.name, missed))))
+        out += [(member, data) for data in frames]
+        room.announce(joined(room.name, name, len(room.members)))
+        return member, out
+
+    def leave(self, member: Member) -> None:
+        room = member.room
+        if room.members.get(fold(member.name)) is not member:
+            return
+        del room.members[fold(member.name)]
+        if room.members:
+            room.announce(left(room.name, member.name, len(room.members)))
+        else:
+            room.empty_since = self.clock()
+
+    def receive(self, member: Member, line: str) -> Outgoing:
+        """Handle one text line from `member`."""
+        room = member.room
+        if not self.admit(member):
+            return self.flood_answer(member)
+        if not line.strip():
+            return []  # blank lines are ignored
+        problem = text_problem(line, self.config.max_chars)
+        if problem:
+            return [(member, encode(error(room.name, problem)))]
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            return self.command(member, line)
+        room.post(member.name, line)
+        return []
+
+    def command(self, member: Member, line: str) -> Outgoing:
+        room = member.room
+        verb, _, argument = line.partition(" ")
+        verb, argument = verb.lower(), argument.strip()
+        if verb == "/nick":
+            return self.rename(member, argument)
+        if verb == "/me":
+            if not argument:
+                return [(member, encode(error(room.name, "usage: /me ACTION")))]
+            room.post(member.name, argument, action=True)
+            return []
+        if verb == "/who":
+            return [(member, encode(who(room.name, room.online())))]
+        if verb == "/help":
+            return [(member, encode(help_frame(room.name)))]
+        return [(member, encode(error(room.name, f"unknown command {verb[:40]}; "
+                                      "try /help (start with // to send a literal /)")))]
+
+    def rename(self, member: Member, new: str) -> Outgoing:
+        room = member.room
+        new = unicodedata.normalize("NFC", new)
+        problem = "usage: /nick NAME" if not new else name_problem(new)
+        if problem is None and new == member.name:
+            problem = f"you are already {new}"
+        elif problem is None and room.has_name(new) and fold(new) != fold(member.name):
+            problem = f"{new} is already taken in {room.name}"
+        if problem:
+            return [(member, encode(error(room.name, problem)))]
+        old = member.name
+        del room.members[fold(old)]
+        member.name = new
+        room.members[fold(new)] = member
+        room.announce(renamed(room.name, old, new))
+        return []
+
+    # Flood control: a token bucket per member.
+
+    def admit(self, member: Member) -> bool:
+        now = self.clock()
+        config = self.config
+        member.tokens = min(config.burst, member.tokens + (now - member.refilled_at) * config.rate)
+        member.refilled_at = now
+        if member.tokens >= 1:
+            member.tokens -= 1
+            # A flood ends after a quiet second, not at the first line that
+            # slips through on a refilled token.
+            if member.flooding_since is not None and now - member.rejected_at > FLOOD_QUIET_S:
+                member.flooding_since = None
+            return True
+        if member.flooding_since is None:
+            member.flooding_since = now
+        member.rejected_at = now
+        return False
+
+    def flood_answer(self, member: Member) -> Outgoing:
+        """What a line over the rate limit gets: an error now and then, and
+        after --flood-close seconds of flooding, the door."""
+        now = self.clock()
+        if now - member.flooding_since >= self.config.flood_close:
+            member.close_with = (CLOSE_POLICY, "flooding")
+            return []
+        if now - member.flood_error_at < FLOOD_ERROR_INTERVAL_S:
+            return []
+        member.flood_error_at = now
+        return [(member, encode(error(
+            member.room.name,
+            f"slow down: at most {self.config.rate:g} messages a second; "
+            "lines over the limit are not sent")))]
+
+
+# Fan-out ------------------------------------------------------------------
+#
+# Each frame is encoded and framed once, and the same bytes are written
+# straight to every member's transport.  Room frames queued during one turn
+# of the event loop go out together, one write per member, which is what
+# keeps the cost per delivery low under load.  Frames are never compressed
+# (permessage-deflate is not negotiated), so every member can share them.
+
+
+def frame_text(data: bytes) -> bytes:
+    """Wrap `data` in a final, unmasked WebSocket text frame (RFC 6455 5.2)."""
+    length = len(data)
+    if length < 126:
+        return bytes((0x81, length)) + data
+    if length < 65536:
+        return bytes((0x81, 126)) + length.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + length.to_bytes(8, "big") + data
+
+
+class Metrics:
+    """Counters for /metrics."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.messages_received = 0
+        self.messages_broadcast = 0
+        self.frames_delivered = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[int] = collections.Counter()
+
+
+class LocalBroker:
+    """Fan-out within this process: each room's queued frames to its members."""
+
+    def __init__(self, chat: Chat, config: Config, metrics: Metrics) -> None:
+        self.chat = chat
+        self.max_buffer = config.max_buffer
+        self.metrics = metrics
+        self.scheduled: set[Room] = set()
+
+    def publish(self, room: Room) -> None:
+        """Send what `room` has queued, at the end of this event loop turn."""
+        if room.pending and room not in self.scheduled:
+            self.scheduled.add(room)
+            asyncio.get_running_loop().call_soon(self.flush, room)
+
+    def flush(self, room: Room) -> None:
+        self.scheduled.discard(room)
+        frames = room.take_pending()
+        if not frames:
+            return
+        data = b"".join(map(frame_text, frames))
+        # The hot loop: one write per member, the same bytes for all.
+        for member in list(room.members.values()):
+            self.write(member, data)
+        self.metrics.messages_broadcast += len(frames)
+        self.metrics.frames_delivered += len(frames) * len(room.members)
+
+    def send(self, member: Member, frames: Iterable[bytes]) -> None:
+        """Send frames to one member."""
+        self.write(member, b"".join(map(frame_text, frames)))
+
+    def write(self, member: Member, data: bytes) -> None:
+        """The one path by which bytes reach a client."""
+        connection = member.connection
+        if connection is None or connection.protocol.state is not State.OPEN:
+            return
+        transport = connection.transport
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self.drop(member, "too slow")
+            return
+        transport.write(data)
+
+    def drop(self, member: Member, reason: str) -> None:
+        """Close a member that cannot keep up; the others go on."""
+        if member.close_with is not None:
+            return
+        member.close_with = (CLOSE_POLICY, reason)
+        self.metrics.dropped[reason] += 1
+        log.warning("dropping %s in %s from %s: %s", member.name, member.room.name,
+                    member.address, reason)
+        asyncio.ensure_future(member.connection.close(*member.close_with))
+
+
+# Connection handler -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ticket:
+    """What the handshake learned about a client: where it goes and who it is."""
+
+    room: str
+    name: str | None
+    since: int | None
+    epoch: str | None
+    address: str
+
+
+class ChatServer:
+    """The I/O around `Chat`: handshake checks, reading lines, sending frames."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.chat = Chat(config)
+        self.metrics = Metrics()
+        self.broker = LocalBroker(self.chat, config, self.metrics)
+        self.members: set[Member] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.sweeper: asyncio.Task | None = None
+
+    async def handle(self, connection: ServerConnection) -> None:
+        ticket: Ticket = connection.ticket
+        self.per_ip[ticket.address] += 1
+        member = None
+        try:
+            member, out = self.chat.join(ticket.room, ticket.name, ticket.since,
+                                         ticket.epoch, ticket.address)
+            member.connection = connection
+            self.members.add(member)
+            self.metrics.connections_total += 1
+            log.info("connect room=%s name=%s address=%s", ticket.room, member.name,
+                     ticket.address)
+            self.broker.send(member, (data for _, data in out))
+            self.broker.publish(member.room)
+            await self.read_lines(member, connection)
+        finally:
+            self.per_ip[ticket.address] -= 1
+            if not self.per_ip[ticket.address]:
+                del self.per_ip[ticket.address]
+            if member is not None:
+                self.members.discard(member)
+                self.chat.leave(member)
+                self.broker.publish(member.room)
+                log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
+                         member.name, ticket.address, connection.close_code)
+
+    async def read_lines(self, member: Member, connection: ServerConnection) -> None:
+        room = member.room
+        try:
+            async for message in connection:
+                self.metrics.messages_received += 1
+                if isinstance(message, bytes):
+                    out = [(member, encode(error(room.name, "binary frames are not "
+                                                 "supported; send text")))]
+                else:
+                    out = self.chat.receive(member, message)
+                if out:
+                    self.broker.send(member, (data for _, data in out))
+                if room.pending:
+                    self.broker.publish(room)
+                if member.close_with is not None:
+                    if member.close_with[1] == "flooding":
+                        self.metrics.dropped["flooding"] += 1
+                        log.warning("closing %s in %s from %s: flooding", member.name,
+                                    room.name, member.address)
+                    await connection.close(*member.close_with)
+                    return
+        except websockets.ConnectionClosed:
+            pass
+
+    # Handshake checks: everything a client can be refused for, before the
+    # upgrade, as an HTTP status and one plain line.
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return self.http_answer(connection, request)
+        try:
+            connection.ticket = self.check_handshake(connection, request)
+        except Refused as refusal:
+            self.metrics.refused[refusal.status] += 1
+            log.warning("refused %s %s from %s: %s", request.path, refusal.status,
+                        self.client_address(connection, request), refusal.reason)
+            return connection.respond(refusal.status, refusal.reason + "\n")
+        return None
+
+    def check_handshake(self, connection: ServerConnection, request: Request) -> Ticket:
+        config = self.config
+        origin = request.headers.get("Origin")
+        if config.allow_origin and origin not in config.allow_origin:
+            raise Refused(403, f"origin {origin} is not allowed")
+        address = self.client_address(connection, request)
+        if len(self.members) >= config.max_clients:
+            raise Refused(503, "server full; try again later")
+        if self.per_ip[address] >= config.max_per_ip:
+            raise Refused(503, "too many connections from your address")
+        path, _, query = request.path.partition("?")
+        room = room_from_path(path)
+        self.chat.check_room(room)
+        params = parse_query(query)
+        return Ticket(room, params.get("name"), parse_since(params.get("since")),
+                      params.get("epoch"), address)
+
+    def client_address(self, connection: ServerConnection, request: Request) -> str:
+        if self.config.trust_proxy:
+            forwarded = request.headers.get("X-Forwarded-For")
+            if forwarded:
+                # The right-most entry is the one our trusted proxy added.
+                return forwarded.rsplit(",", 1)[-1].strip()
+        peer = connection.remote_address
+        return str(peer[0]) if peer else "unknown"
+
+    # HTTP answers on the same port
+
+    def http_answer(self, connection: ServerConnection, request: Request) -> Response:
+        path = request.path.partition("?")[0]
+        if path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if path == "/metrics":
+            response = connection.respond(200, self.metrics_text())
+            response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
+            return response
+        return connection.respond(426, "This is a WebSocket chat server: open the chat "
+                                       "page (public/index.html) instead.\n")
+
+    def metrics_text(self) -> str:
+        m = self.metrics
+        lines = [
+            "# HELP chat_connections Clients connected now.",
+            "# TYPE chat_connections gauge",
+            f"chat_connections {len(self.members)}",
+            "# HELP chat_rooms Rooms in memory now.",
+            "# TYPE chat_rooms gauge",
+            f"chat_rooms {len(self.chat.rooms)}",
+            "# TYPE chat_connections_total counter",
+            f"chat_connections_total {m.connections_total}",
+            "# TYPE chat_messages_received_total counter",
+            f"chat_messages_received_total {m.messages_received}",
+            "# TYPE chat_messages_broadcast_total counter",
+            f"chat_messages_broadcast_total {m.messages_broadcast}",
+            "# TYPE chat_frames_delivered_total counter",
+            f"chat_frames_delivered_total {m.frames_delivered}",
+            "# TYPE chat_clients_dropped_total counter",
+        ]
+        for reason in ("flooding", "too slow", *sorted(set(m.dropped) - {"flooding", "too slow"})):
+            lines.append(f'chat_clients_dropped_total{{reason="{reason}"}} {m.dropped[reason]}')
+        lines.append("# TYPE chat_handshakes_refused_total counter")
+        for status, count in sorted(m.refused.items()):
+            lines.append(f'chat_handshakes_refused_total{{status="{status}"}} {count}')
+        return "\n".join(lines) + "\n"
+
+    # Shutdown
+
+    def say_goodbye(self) -> None:
+        for room in {member.room for member in self.members}:
+            room.announce(shutdown(room.name))
+            self.broker.flush(room)
+
+    async def sweep_rooms(self) -> None:
+        interval = max(0.05, min(SWEEP_INTERVAL_S, self.config.room_ttl))
+        while True:
+            await asyncio.sleep(interval)
+            self.chat.forget_idle_rooms()
+
+
+def room_from_path(path: str) -> str:
+    if path == "/":
+        return LOBBY
+    name = path[1:]
+    if not ROOM_NAME.match(name) or not name.strip("."):  # "." and ".." look like paths
+        raise Refused(400, "a room name has 1 to 64 characters: letters A-Z a-z, "
+                           "digits, _ . -")
+    return name
+
+
+def parse_query(query: str) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False,
+                                       errors="strict", max_num_fields=20)
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(400, "malformed query string") from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:
+            raise Refused(400, f"parameter {key[:20]} given more than once")
+        params[key] = value
+    return params
+
+
+def parse_since(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise Refused(400, "since must be a whole number, the last seq you saw")
+    return int(value)
+
+
+# main ---------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="chatserver",
+        description="A WebSocket chat-room server. Clients connect to "
+                    "ws://HOST:PORT/ROOM?name=NICK; open public/index.html to chat.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--host", default=None, help="address to listen on (default: all interfaces)")
+    add("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free one)")
+    add("--history", type=int, default=HISTORY_MESSAGES,
+        help="chat messages each room keeps for newcomers and resumes")
+    add("--room-ttl", type=float, default=ROOM_TTL_S,
+        help="seconds an empty room keeps its history before it is forgotten")
+    add("--max-chars", type=int, default=MAX_CHARS,
+        help="longest chat line, in characters; longer ones get an error")
+    add("--max-size", type=int, default=MAX_SIZE_BYTES,
+        help="largest incoming frame, in bytes; larger ones close with 1009")
+    add("--rate", type=float, default=RATE_PER_S, help="chat lines per second per client")
+    add("--burst", type=int, default=BURST_MESSAGES,
+        help="chat lines a client may send at once before --rate applies")
+    add("--flood-close", type=float, default=FLOOD_CLOSE_S,
+        help="seconds of flooding after which a client is closed with 1008")
+    add("--max-rooms", type=int, default=MAX_ROOMS, help="rooms in memory at once")
+    add("--max-clients", type=int, default=MAX_CLIENTS, help="connected clients at once")
+    add("--max-per-ip", type=int, default=MAX_PER_IP, help="connected clients per address")
+    add("--trust-proxy", action="store_true",
+        help="take the client address from X-Forwarded-For (behind a reverse proxy)")
+    add("--allow-origin", action="append", default=[], metavar="ORIGIN",
+        help="accept pages from this Origin only (repeatable; default: any origin)")
+    add("--max-buffer", type=int, default=MAX_BUFFER_BYTES,
+        help="bytes waiting for a slow client before it is closed as too slow")
+    add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S,
+        help="seconds a client has to finish the opening handshake")
+    add("--ping-interval", type=float, default=PING_INTERVAL_S,
+        help="seconds between pings to find dead peers")
+    add("--ping-timeout", type=float, default=PING_TIMEOUT_S,
+        help="seconds to wait for a pong before the peer is dead")
+    add("--shutdown-timeout", type=float, default=SHUTDOWN_TIMEOUT_S,
+        help="seconds to say goodbye on SIGTERM/SIGINT before exiting anyway")
+    add("--certfile", help="TLS certificate (PEM) to serve wss:// directly")
+    add("--keyfile", help="TLS private key (PEM) for --certfile")
+    add("--log-level", default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log")
+    args = parser.parse_args(argv)
+    if args.keyfile and not args.certfile:
+        parser.error("--keyfile needs --certfile")
+    for flag in ("history", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
+                 "max_per_ip", "max_buffer"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    options = vars(args)
+    options["allow_origin"] = tuple(options["allow_origin"])
+    return Config(**options)
+
+
+def raise_open_files_limit() -> None:
+    """Each client is a file descriptor; ask for as many as we may have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def listen(config: Config) -> tuple[ChatServer, Server]:
+    """Start serving `config` and return the chat and the listening server."""
+    chat_server = ChatServer(config)
+    ssl_context = None
+    if config.certfile:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.load_cert_chain(config.certfile, config.keyfile)
+    ws_server = await serve(
+        chat_server.handle, config.host, config.port,
+        process_request=chat_server.process_request,
+        compression=None,  # see the fan-out: frames are shared, not compressed
+        max_size=config.max_size,
+        open_timeout=config.handshake_timeout,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        close_timeout=min(config.shutdown_timeout, 5.0),
+        ssl=ssl_context,
+        logger=logging.getLogger("chatserver.websockets"),
+    )
+    chat_server.sweeper = asyncio.create_task(chat_server.sweep_rooms())
+    return chat_server, ws_server
+
+
+async def shut_down(chat_server: ChatServer, ws_server: Server) -> None:
+    """Tell everyone, close every connection with 1001, and wait at most
+    --shutdown-timeout for them to go."""
+    log.info("shutting down: %d clients", len(chat_server.members))
+    chat_server.sweeper.cancel()
+    chat_server.say_goodbye()
+    ws_server.close(close_connections=True)
+    try:
+        await asyncio.wait_for(ws_server.wait_closed(), chat_server.config.shutdown_timeout)
+    except asyncio.TimeoutError:
+        log.warning("shutdown timeout: %d clients did not answer", len(chat_server.members))
+
+
+async def run(config: Config, ready: Callable[[str], None] = print) -> None:
+    chat_server, ws_server = await listen(config)
+    port = ws_server.sockets[0].getsockname()[1]
+    scheme = "wss" if config.certfile else "ws"
+    host = config.host or "localhost"
+    ready(f"chatserver listening on {scheme}://{host}:{port}/ "
+          f"(rooms are paths: {scheme}://{host}:{port}/lobby)")
+    ready("Open public/index.html, or run `python -m http.server -d public` "
+          "and visit http://localhost:8000/")
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+    await stop
+    await shut_down(chat_server, ws_server)
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_files_limit()
+    try:
+        asyncio.run(run(config, ready=lambda line: print(line, flush=True)))
+    except OSError as exc:
+        sys.exit(f"chatserver: cannot listen on port {config.port}: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Starting chatserver as a user would: the script, the console command, -m."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import ROOT, in_ci, join
+
+FLAGS = ["--host", "--port", "--history", "--room-ttl", "--max-chars", "--max-size",
+         "--log-level", "--rate", "--burst", "--max-rooms", "--max-clients", "--max-per-ip",
+         "--trust-proxy", "--allow-origin", "--max-buffer", "--handshake-timeout",
+         "--ping-interval", "--ping-timeout", "--shutdown-timeout", "--certfile", "--keyfile"]
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, "chatserver.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for flag in FLAGS:
+        assert flag in result.stdout, flag
+    assert "8765" in result.stdout
+
+
+def test_bad_flag_value_is_a_clear_error():
+    result = subprocess.run([sys.executable, "chatserver.py", "--history", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--history must be at least 1" in result.stderr
+
+
+async def test_script_serves_a_chat(run_process):
+    process = run_process()
+    alice = await join(process.url, name="alice")
+    await alice.send("hello")
+    assert (await alice.recv())["message"] == "hello"
+    await alice.close()
+
+
+async def test_python_dash_m_serves_a_chat(run_process):
+    process = run_process(command=[sys.executable, "-m", "chatserver"])
+    alice = await join(process.url, name="alice")
+    assert alice.welcome["room"] == "lobby"
+
+
+async def test_console_script_serves_a_chat(run_process):
+    command = shutil.which("chatserver")
+    if command is None:
+        if in_ci():
+            pytest.fail("the chatserver console script is not installed: pip install -e .")
+        pytest.skip("chatserver is not installed (pip install -e .)")
+    process = run_process(command=[command])
+    alice = await join(process.url, name="alice")
+    assert alice.welcome["name"] == "alice"
+
+
+async def test_default_port_is_8765_not_8000():
+    import chatserver
+    assert chatserver.Config().port == 8765
+
+
+async def test_sigterm_says_goodbye_closes_with_1001_and_exits_0(run_process):
+    process = run_process("--shutdown-timeout", "5")
+    clients = [await join(process.url, name=f"user{n}") for n in range(3)]
+    process.popen.send_signal(15)
+    for client in clients:
+        goodbye = await client.expect(event="shutdown")
+        assert goodbye["type"] == "sys"
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await client.recv()
+        assert closed.value.rcvd.code == 1001
+    assert await asyncio.to_thread(process.popen.wait, 10) == 0

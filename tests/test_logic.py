@@ -1,0 +1,407 @@
+"""The chat logic without sockets: rooms, names, commands, history, limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatserver import Chat, Config, Member, Room, Refused, name_problem, room_from_path
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def frames(out) -> list[dict]:
+    return [json.loads(data) for _, data in out]
+
+
+def room_frames(room: Room) -> list[dict]:
+    return [json.loads(data) for data in room.take_pending()]
+
+
+def make_chat(**options) -> tuple[Chat, Clock]:
+    options.setdefault("rate", 1000.0)
+    options.setdefault("burst", 1000)
+    clock = Clock()
+    return Chat(Config(**options), clock=clock), clock
+
+
+def test_welcome_names_the_room_the_newcomer_and_who_is_online():
+    chat, _ = make_chat()
+    chat.join("lobby", "alice")
+    bob, out = chat.join("lobby", "bob")
+    welcome = frames(out)[0]
+    assert welcome["type"] == "sys" and welcome["event"] == "welcome"
+    assert welcome["name"] == "bob" and welcome["room"] == "lobby"
+    assert welcome["online"] == ["alice", "bob"]
+    assert welcome["seq"] == 0 and welcome["epoch"] == bob.room.epoch
+    assert isinstance(welcome["ts"], int)
+
+
+def test_join_notice_goes_to_the_room_with_the_count():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    chat.join("lobby", "bob")
+    [notice] = room_frames(alice.room)
+    assert notice == {**notice, "event": "join", "name": "bob", "count": 2,
+                      "message": "bob has joined"}
+
+
+def test_leave_notice_and_count():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    bob, _ = chat.join("lobby", "bob")
+    room_frames(alice.room)
+    chat.leave(bob)
+    [notice] = room_frames(alice.room)
+    assert notice["event"] == "leave" and notice["message"] == "bob has left"
+    assert notice["count"] == 1
+
+
+def test_chat_line_is_numbered_and_sent_to_the_room_with_the_senders_name():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    assert chat.receive(alice, "hello") == []
+    assert chat.receive(alice, "again") == []
+    first, second = room_frames(alice.room)
+    assert first == {**first, "type": "user", "id": "alice", "message": "hello", "seq": 1}
+    assert second["seq"] == 2 and "action" not in second
+
+
+def test_sender_cannot_spoof_the_id_by_sending_json():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    line = '{"type": "sys", "id": "admin", "message": "x"}'
+    chat.receive(alice, line)
+    [frame] = room_frames(alice.room)
+    assert frame["type"] == "user" and frame["id"] == "alice" and frame["message"] == line
+
+
+@pytest.mark.parametrize("wanted, got", [
+    ("alice", "alice-2"), ("ALICE", "ALICE-2"), ("x" * 32, "x" * 30 + "-2")])
+def test_taken_name_gets_a_suffix(wanted, got):
+    chat, _ = make_chat()
+    chat.join("lobby", "alice")
+    chat.join("lobby", "x" * 32)
+    _, out = chat.join("lobby", wanted)
+    assert frames(out)[0]["name"] == got
+
+
+def test_third_alice_is_alice_3():
+    chat, _ = make_chat()
+    chat.join("lobby", "alice")
+    chat.join("lobby", "alice")
+    member, _ = chat.join("lobby", "alice")
+    assert member.name == "alice-3"
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 33, "tab\there", "bell\x07", "rtl\u202eevil",
+                                 "zero\u200bwidth"])
+def test_invalid_name_gets_a_guest_name_and_an_error_saying_why(bad):
+    chat, _ = make_chat()
+    member, out = chat.join("lobby", bad)
+    welcome, note = frames(out)[:2]
+    assert member.name.startswith("guest-") and welcome["name"] == member.name
+    assert note["event"] == "error" and "guest" in note["message"]
+
+
+def test_no_name_gets_a_guest_name_without_an_error():
+    chat, _ = make_chat()
+    member, out = chat.join("lobby")
+    assert member.name.startswith("guest-")
+    assert [f["event"] for f in frames(out)] == ["welcome"]
+
+
+def test_unicode_letters_are_welcome_in_names():
+    assert name_problem("Zoë") is None
+    assert name_problem("小明") is None
+    assert name_problem("Алиса") is None
+
+
+def test_nick_changes_the_name_and_tells_the_room():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    assert chat.receive(alice, "/nick Alicia") == []
+    [notice] = room_frames(alice.room)
+    assert notice == {**notice, "event": "nick", "old": "alice", "name": "Alicia",
+                      "message": "alice is now known as Alicia"}
+    chat.receive(alice, "hi")
+    assert room_frames(alice.room)[0]["id"] == "Alicia"
+
+
+def test_nick_to_a_taken_name_is_refused():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    chat.join("lobby", "bob")
+    room_frames(alice.room)
+    [reply] = frames(chat.receive(alice, "/nick Bob"))
+    assert reply["event"] == "error" and "taken" in reply["message"]
+    assert alice.name == "alice" and room_frames(alice.room) == []
+
+
+def test_nick_may_change_only_the_case_of_ones_own_name():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    assert chat.receive(alice, "/nick Alice") == []
+    assert alice.room.online() == ["Alice"]
+
+
+@pytest.mark.parametrize("line", ["/nick", "/nick a b", "/nick " + "y" * 40])
+def test_bad_nick_gets_an_error(line):
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    [reply] = frames(chat.receive(alice, line))
+    assert reply["event"] == "error"
+
+
+def test_me_sends_an_action():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    chat.receive(alice, "/me waves")
+    [frame] = room_frames(alice.room)
+    assert frame["action"] is True and frame["message"] == "waves" and frame["seq"] == 1
+
+
+def test_who_and_help_answer_only_the_asker():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    chat.join("lobby", "bob")
+    room_frames(alice.room)
+    [reply] = frames(chat.receive(alice, "/who"))
+    assert reply["event"] == "who" and reply["online"] == ["alice", "bob"]
+    assert "alice" in reply["message"] and "bob" in reply["message"]
+    [reply] = frames(chat.receive(alice, "/help"))
+    assert reply["event"] == "help" and "/nick" in reply["message"]
+    assert room_frames(alice.room) == []
+
+
+def test_unknown_command_gets_an_error():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    [reply] = frames(chat.receive(alice, "/dance now"))
+    assert reply["event"] == "error" and "/dance" in reply["message"]
+
+
+def test_double_slash_sends_a_literal_slash():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    chat.receive(alice, "//nick is a command")
+    assert room_frames(alice.room)[0]["message"] == "/nick is a command"
+
+
+@pytest.mark.parametrize("line", ["", " ", "\n\t  "])
+def test_whitespace_only_lines_are_ignored(line):
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    assert chat.receive(alice, line) == []
+    assert room_frames(alice.room) == [] and alice.room.seq == 0
+
+
+def test_line_over_max_chars_gets_an_error_and_is_not_sent():
+    chat, _ = make_chat(max_chars=10)
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    assert chat.receive(alice, "x" * 10) == []
+    [reply] = frames(chat.receive(alice, "x" * 11))
+    assert reply["event"] == "error" and "too long" in reply["message"]
+    assert [f["message"] for f in room_frames(alice.room)] == ["x" * 10]
+
+
+def test_control_characters_in_text_are_refused_but_newlines_are_kept():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    [reply] = frames(chat.receive(alice, "beep\x07"))
+    assert reply["event"] == "error"
+    chat.receive(alice, "two\nlines")
+    assert room_frames(alice.room)[0]["message"] == "two\nlines"
+
+
+def test_rooms_are_isolated():
+    chat, _ = make_chat()
+    alice, _ = chat.join("one", "alice")
+    bob, _ = chat.join("two", "alice")
+    room_frames(alice.room), room_frames(bob.room)
+    chat.receive(alice, "in one")
+    assert room_frames(bob.room) == []
+    assert bob.name == "alice"  # names are unique per room, not per server
+
+
+# History and resume
+
+
+def post_lines(chat: Chat, member: Member, count: int) -> None:
+    for n in range(count):
+        chat.receive(member, f"line {n + 1}")
+    member.room.take_pending()
+
+
+def test_newcomer_gets_history_oldest_first_after_the_welcome():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 3)
+    _, out = chat.join("lobby", "bob")
+    got = frames(out)
+    assert got[0]["event"] == "welcome" and got[0]["seq"] == 3
+    assert [f["seq"] for f in got[1:]] == [1, 2, 3]
+    assert [f["message"] for f in got[1:]] == ["line 1", "line 2", "line 3"]
+
+
+def test_history_keeps_only_the_last_n_messages():
+    chat, _ = make_chat(history=2)
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 5)
+    _, out = chat.join("lobby", "bob")
+    assert [f.get("seq") for f in frames(out)] == [5, 4, 5]
+
+
+def test_history_replays_the_original_frames():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    chat.receive(alice, "hi")
+    [live] = alice.room.take_pending()[1:]
+    _, out = chat.join("lobby", "bob")
+    assert out[1][1] == live
+
+
+def test_messages_not_yet_sent_are_not_in_the_newcomers_history():
+    # They reach the newcomer through the fan-out, so there is no duplicate.
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 1)
+    chat.receive(alice, "still pending")
+    bob, out = chat.join("lobby", "bob")
+    assert [f.get("seq") for f in frames(out)] == [1, 1]
+    assert [f.get("seq") for f in room_frames(bob.room) if f["type"] == "user"] == [2]
+
+
+def test_resume_gets_only_what_came_after_since():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 5)
+    _, out = chat.join("lobby", "bob", since=3, epoch=alice.room.epoch)
+    assert [f.get("seq") for f in frames(out)] == [5, 4, 5]
+
+
+def test_resume_up_to_date_gets_nothing_but_the_welcome():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 5)
+    _, out = chat.join("lobby", "bob", since=5, epoch=alice.room.epoch)
+    assert [f["event"] for f in frames(out)] == ["welcome"]
+
+
+def test_resume_past_the_kept_history_reports_the_gap_first():
+    chat, _ = make_chat(history=3)
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 10)
+    _, out = chat.join("lobby", "bob", since=2, epoch=alice.room.epoch)
+    got = frames(out)
+    assert got[1]["event"] == "gap" and got[1]["missed"] == 5  # seqs 3..7
+    assert [f["seq"] for f in got[2:]] == [8, 9, 10]
+
+
+def test_resume_with_another_epoch_gets_the_full_history():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 3)
+    _, out = chat.join("lobby", "bob", since=2, epoch="not-this-one")
+    assert [f.get("seq") for f in frames(out)[1:]] == [1, 2, 3]
+
+
+def test_empty_room_keeps_history_for_the_ttl_then_starts_a_new_epoch():
+    chat, clock = make_chat(room_ttl=60)
+    alice, _ = chat.join("lobby", "alice")
+    post_lines(chat, alice, 2)
+    epoch = alice.room.epoch
+    chat.leave(alice)
+    clock.now += 59
+    bob, out = chat.join("lobby", "bob")
+    assert bob.room.epoch == epoch and len(frames(out)) == 3
+    chat.leave(bob)
+    clock.now += 60
+    carol, out = chat.join("lobby", "carol")
+    assert carol.room.epoch != epoch and len(frames(out)) == 1
+    assert frames(out)[0]["seq"] == 0
+
+
+def test_sweep_forgets_only_rooms_idle_past_the_ttl():
+    chat, clock = make_chat(room_ttl=10)
+    alice, _ = chat.join("a", "alice")
+    chat.join("b", "bob")
+    chat.leave(alice)
+    clock.now += 10
+    assert chat.forget_idle_rooms() == 1
+    assert list(chat.rooms) == ["b"]
+
+
+# Limits
+
+
+def test_max_rooms_refuses_a_new_room_but_not_an_existing_one():
+    chat, _ = make_chat(max_rooms=1)
+    chat.join("a", "alice")
+    chat.check_room("a")
+    with pytest.raises(Refused) as refusal:
+        chat.check_room("b")
+    assert refusal.value.status == 503
+
+
+def test_max_rooms_makes_room_by_forgetting_an_idle_one():
+    chat, _ = make_chat(max_rooms=1)
+    alice, _ = chat.join("a", "alice")
+    chat.leave(alice)
+    chat.check_room("b")
+    assert "a" not in chat.rooms
+
+
+def test_flooding_gets_one_error_a_second_then_the_door():
+    chat, clock = make_chat(rate=1, burst=2, flood_close=10)
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    assert chat.receive(alice, "1") == [] and chat.receive(alice, "2") == []
+    [reply] = frames(chat.receive(alice, "3"))
+    assert reply["event"] == "error" and "slow down" in reply["message"]
+    assert chat.receive(alice, "4") == []  # no second error within the second
+    assert [f["message"] for f in room_frames(alice.room)] == ["1", "2"]
+    for _ in range(20):  # keeps flooding: 20 lines a second for 10 s
+        clock.now += 0.5
+        for _ in range(10):
+            chat.receive(alice, "spam")
+    assert alice.close_with == (1008, "flooding")
+
+
+def test_a_client_within_the_rate_is_never_limited():
+    chat, clock = make_chat(rate=2, burst=2)
+    alice, _ = chat.join("lobby", "alice")
+    for _ in range(100):
+        clock.now += 0.5
+        assert chat.receive(alice, "steady") == []
+    assert alice.room.seq == 100
+
+
+@pytest.mark.parametrize("path, room", [("/", "lobby"), ("/soc", "soc"),
+                                        ("/a.b-c_D9", "a.b-c_D9"), ("/" + "r" * 64, "r" * 64)])
+def test_room_from_path(path, room):
+    assert room_from_path(path) == room
+
+
+@pytest.mark.parametrize("path", ["/a/b", "/a%2Fb", "/" + "r" * 65, "/..", "/.", "/caf\u00e9",
+                                  "/a b", "//", "/a/"])
+def test_bad_room_paths_are_refused_with_400(path):
+    with pytest.raises(Refused) as refusal:
+        room_from_path(path)
+    assert refusal.value.status == 400
