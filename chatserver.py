@@ -690,6 +690,7 @@ class ChatServer:
             return connection.respond(200, "ok\n")
         if path == "/metrics":
             response = connection.respond(200, self.metrics_text())
+            del response.headers["Content-Type"]
             response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return response
         return connection.respond(426, "This is a WebSocket chat server: open the chat "
