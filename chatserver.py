@@ -72,6 +72,9 @@ ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
+CROWD_MEMBERS = 100
+PRESENCE_INTERVAL_S = 1.0  # a crowded room's joins and leaves, gathered
+PRESENCE_NAMES = 20  # names listed in one presence notice
 
 # WebSocket close codes we use, besides the library's own (1007 bad UTF-8,
 # 1009 frame too big, 1011 ping timeout).
@@ -92,6 +95,7 @@ class Config:
     rate: float = RATE_PER_S
     burst: int = BURST_MESSAGES
     flood_close: float = FLOOD_CLOSE_S
+    crowd: int = CROWD_MEMBERS
     max_rooms: int = MAX_ROOMS
     max_clients: int = MAX_CLIENTS
     max_per_ip: int = MAX_PER_IP
@@ -137,6 +141,24 @@ def joined(room: str, name: str, count: int) -> dict:
 
 def left(room: str, name: str, count: int) -> dict:
     return sys_frame(room, "leave", f"{name} has left", name=name, count=count)
+
+
+def presence(room: str, arrived: list[str], departed: list[str], count: int) -> dict:
+    """Joins and leaves of a crowded room, gathered into one notice."""
+    def some(names: list[str]) -> tuple[list[str], int]:
+        return names[:PRESENCE_NAMES], max(0, len(names) - PRESENCE_NAMES)
+
+    joined_names, more_joined = some(arrived)
+    left_names, more_left = some(departed)
+    parts = []
+    for names, more, verb in ((joined_names, more_joined, "joined"),
+                              (left_names, more_left, "left")):
+        if names:
+            others = f" and {more} others" if more else ""
+            parts.append(f"{', '.join(names)}{others} {verb}")
+    return sys_frame(room, "presence", "; ".join(parts), joined=joined_names,
+                     left=left_names, more_joined=more_joined, more_left=more_left,
+                     count=count)
 
 
 def renamed(room: str, old: str, new: str) -> dict:
@@ -220,6 +242,7 @@ class Room:
 
     name: str
     history_limit: int
+    crowd: int = CROWD_MEMBERS
     epoch: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
     seq: int = 0  # last seq given out
     delivered_seq: int = 0  # last seq handed to the fan-out
@@ -228,6 +251,8 @@ class Room:
     pending: list[bytes] = dataclasses.field(default_factory=list)  # room frames not yet sent
     pending_seq: list[int] = dataclasses.field(default_factory=list)
     empty_since: float | None = None
+    arrived: list[str] = dataclasses.field(default_factory=list)  # not yet announced
+    departed: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.history = collections.deque(maxlen=self.history_limit)
@@ -246,6 +271,25 @@ class Room:
             suffix = f"-{n}"
             name = wanted[: NAME_MAX_CHARS - len(suffix)] + suffix
         return name
+
+    def announce_presence(self, name: str, joining: bool) -> None:
+        """A join or leave notice; in a crowded room, gathered for later.
+
+        Each notice goes to every member, so a storm of N joins would cost
+        N*N frames; past --crowd members they go out as one `presence`
+        notice a second instead (see `take_presence`).
+        """
+        if len(self.members) > self.crowd:
+            (self.arrived if joining else self.departed).append(name)
+        else:
+            notice = joined if joining else left
+            self.announce(notice(self.name, name, len(self.members)))
+
+    def take_presence(self) -> None:
+        """Announce the gathered joins and leaves, if any, as one notice."""
+        if self.arrived or self.departed:
+            self.announce(presence(self.name, self.arrived, self.departed, len(self.members)))
+            self.arrived, self.departed = [], []
 
     def announce(self, frame: dict) -> None:
         """Queue a frame for everyone in the room."""
@@ -329,7 +373,8 @@ class Chat:
     def open_room(self, room_name: str) -> Room:
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.config.history)
+            room = self.rooms[room_name] = Room(room_name, self.config.history,
+                                                self.config.crowd)
         room.empty_since = None
         return room
 
@@ -381,7 +426,7 @@ class Chat:
         if missed:
             out.append((member, encode(gap(room.name, missed))))
         out += [(member, data) for data in frames]
-        room.announce(joined(room.name, name, len(room.members)))
+        room.announce_presence(name, joining=True)
         return member, out
 
     def leave(self, member: Member) -> None:
@@ -390,7 +435,7 @@ class Chat:
             return
         del room.members[fold(member.name)]
         if room.members:
-            room.announce(left(room.name, member.name, len(room.members)))
+            room.announce_presence(member.name, joining=False)
         else:
             room.empty_since = self.clock()
 
@@ -520,12 +565,21 @@ class LocalBroker:
         self.max_buffer = config.max_buffer
         self.metrics = metrics
         self.scheduled: set[Room] = set()
+        self.presence_scheduled: set[Room] = set()
 
     def publish(self, room: Room) -> None:
         """Send what `room` has queued, at the end of this event loop turn."""
         if room.pending and room not in self.scheduled:
             self.scheduled.add(room)
             asyncio.get_running_loop().call_soon(self.flush, room)
+        if (room.arrived or room.departed) and room not in self.presence_scheduled:
+            self.presence_scheduled.add(room)
+            asyncio.get_running_loop().call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
+
+    def flush_presence(self, room: Room) -> None:
+        self.presence_scheduled.discard(room)
+        room.take_presence()
+        self.flush(room)
 
     def flush(self, room: Room) -> None:
         self.scheduled.discard(room)
@@ -794,6 +848,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="chat lines a client may send at once before --rate applies")
     add("--flood-close", type=float, default=FLOOD_CLOSE_S,
         help="seconds of flooding after which a client is closed with 1008")
+    add("--crowd", type=int, default=CROWD_MEMBERS,
+        help="members past which a room's joins and leaves are announced together, "
+             "once a second, as one presence notice")
     add("--max-rooms", type=int, default=MAX_ROOMS, help="rooms in memory at once")
     add("--max-clients", type=int, default=MAX_CLIENTS, help="connected clients at once")
     add("--max-per-ip", type=int, default=MAX_PER_IP, help="connected clients per address")
@@ -818,7 +875,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
-    for flag in ("history", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
+    for flag in ("history", "crowd", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
                  "max_per_ip", "max_buffer"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

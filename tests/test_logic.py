@@ -405,3 +405,21 @@ def test_bad_room_paths_are_refused_with_400(path):
     with pytest.raises(Refused) as refusal:
         room_from_path(path)
     assert refusal.value.status == 400
+
+
+def test_crowded_room_gathers_joins_and_leaves_into_one_presence_notice():
+    chat, _ = make_chat(crowd=3)
+    members = [chat.join("big", f"user{n}")[0] for n in range(3)]
+    room = members[0].room
+    assert [f["event"] for f in room_frames(room)] == ["join"] * 3
+    newcomers = [chat.join("big", f"new{n}")[0] for n in range(25)]
+    chat.leave(members[0])
+    assert room_frames(room) == []  # nothing one by one past the crowd size
+    room.take_presence()
+    [notice] = room_frames(room)
+    assert notice["event"] == "presence" and notice["count"] == 27
+    assert notice["joined"] == [m.name for m in newcomers[:20]] and notice["more_joined"] == 5
+    assert notice["left"] == ["user0"] and notice["more_left"] == 0
+    assert notice["message"] == ", ".join(notice["joined"]) + " and 5 others joined; user0 left"
+    room.take_presence()
+    assert room_frames(room) == []

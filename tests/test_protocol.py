@@ -249,3 +249,22 @@ async def _http_get(port: int, path: str) -> tuple[int, str]:
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def test_crowded_room_announces_joins_together_once_a_second(start_server):
+    server = await start_server(crowd=2)
+    first = await join(server.url, "big", name="first")
+    await join(server.url, "big", name="second")
+    await first.expect(event="join", name="second")
+    # Past the crowd size, newcomers get no join notice of their own...
+    others = []
+    for n in range(3):
+        ws = await connect(f"{server.url}/big?name=n{n}")
+        assert json.loads(await ws.recv())["event"] == "welcome"
+        others.append(ws)
+    # ...and everyone gets one presence notice for all of them.
+    notice = await first.expect(event="presence")
+    assert notice["joined"] == ["n0", "n1", "n2"] and notice["count"] == 5
+    await others[0].close()
+    notice = await first.expect(event="presence")
+    assert notice["left"] == ["n0"] and notice["count"] == 4
