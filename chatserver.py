@@ -37,14 +37,16 @@ import unicodedata
 import urllib.parse
 from collections.abc import Callable, Iterable
 
-import websockets
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
-__all__ = ["Config", "Chat", "Room", "Member", "ChatServer", "listen", "shut_down", "main"]
+__all__ = ["Config", "Chat", "Room", "Member", "ChatServer", "Client", "listen", "shut_down",
+           "main"]
 
 log = logging.getLogger("chatserver")
+protocol_log = logging.getLogger("chatserver.protocol")  # websockets' own messages
 
 
 # Configuration ------------------------------------------------------------
@@ -227,7 +229,7 @@ class Member:
     name: str
     room: Room
     address: str = ""
-    connection: ServerConnection | None = None  # set by the I/O layer
+    connection: Client | None = None  # set by the I/O layer
     tokens: float = 0.0  # rate limit bucket
     refilled_at: float = 0.0
     flooding_since: float | None = None
@@ -560,21 +562,20 @@ class Metrics:
 class LocalBroker:
     """Fan-out within this process: each room's queued frames to its members."""
 
-    def __init__(self, chat: Chat, config: Config, metrics: Metrics) -> None:
-        self.chat = chat
-        self.max_buffer = config.max_buffer
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.scheduled: set[Room] = set()
         self.presence_scheduled: set[Room] = set()
 
     def publish(self, room: Room) -> None:
         """Send what `room` has queued, at the end of this event loop turn."""
+        loop = asyncio.get_running_loop()
         if room.pending and room not in self.scheduled:
             self.scheduled.add(room)
-            asyncio.get_running_loop().call_soon(self.flush, room)
+            loop.call_soon(self.flush, room)
         if (room.arrived or room.departed) and room not in self.presence_scheduled:
             self.presence_scheduled.add(room)
-            asyncio.get_running_loop().call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
+            loop.call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
 
     def flush_presence(self, room: Room) -> None:
         self.presence_scheduled.discard(room)
@@ -587,39 +588,20 @@ class LocalBroker:
         if not frames:
             return
         data = b"".join(map(frame_text, frames))
-        # The hot loop: one write per member, the same bytes for all.
-        for member in list(room.members.values()):
-            self.write(member, data)
+        # The hot loop: one write per member, the same bytes for all.  Writes
+        # never remove members (that waits for connection_lost), so the dict
+        # can be walked as it is.
+        for member in room.members.values():
+            member.connection.write(data)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
 
-    def send(self, member: Member, frames: Iterable[bytes]) -> None:
-        """Send frames to one member."""
-        self.write(member, b"".join(map(frame_text, frames)))
 
-    def write(self, member: Member, data: bytes) -> None:
-        """The one path by which bytes reach a client."""
-        connection = member.connection
-        if connection is None or connection.protocol.state is not State.OPEN:
-            return
-        transport = connection.transport
-        if transport.get_write_buffer_size() > self.max_buffer:
-            self.drop(member, "too slow")
-            return
-        transport.write(data)
-
-    def drop(self, member: Member, reason: str) -> None:
-        """Close a member that cannot keep up; the others go on."""
-        if member.close_with is not None:
-            return
-        member.close_with = (CLOSE_POLICY, reason)
-        self.metrics.dropped[reason] += 1
-        log.warning("dropping %s in %s from %s: %s", member.name, member.room.name,
-                    member.address, reason)
-        asyncio.ensure_future(member.connection.close(*member.close_with))
-
-
-# Connection handler -------------------------------------------------------
+# Connections --------------------------------------------------------------
+#
+# Each TCP connection is an asyncio Protocol that feeds bytes to the
+# `websockets` sans-I/O state machine and acts on the events it returns:
+# no task per connection, no task switch per message.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -633,90 +615,233 @@ class Ticket:
     address: str
 
 
+class Client(asyncio.Protocol):
+    """One client connection, from the handshake to the close."""
+
+    def __init__(self, server: ChatServer) -> None:
+        self.server = server
+        self.protocol = ServerProtocol(max_size=server.config.max_size,
+                                       logger=protocol_log)
+        self.transport: asyncio.Transport | None = None
+        self.address = ""
+        self.member: Member | None = None
+        self.fragments: list[bytes] = []
+        self.fragmented_text = True
+        self.timer: asyncio.TimerHandle | None = None  # handshake or close deadline
+        self.ping_sent_at: float | None = None  # None: no ping unanswered
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else "unknown"
+        self.timer = asyncio.get_running_loop().call_later(
+            self.server.config.handshake_timeout, self.transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.receive_data(data)
+        for event in self.protocol.events_received():
+            if isinstance(event, Request):
+                self.on_request(event)
+            else:
+                self.on_frame(event)
+        self.send_protocol_data()
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self.send_protocol_data()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer:
+            self.timer.cancel()
+        self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
+        self.server.forget(self)
+
+    # The handshake
+
+    def on_request(self, request: Request) -> None:
+        response = self.server.answer(self, request)
+        if response is None:
+            response = self.protocol.accept(request)
+        self.protocol.send_response(response)
+        self.send_protocol_data()  # the response goes out before any frame
+        if self.protocol.state is State.OPEN:
+            self.timer.cancel()
+            self.timer = None
+            self.server.enter(self, request.ticket)
+
+    # Messages
+
+    def on_frame(self, frame: Frame) -> None:
+        self.ping_sent_at = None  # any frame shows the peer is alive
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if frame.fin:
+                self.on_message(opcode is Opcode.TEXT, frame.data)
+            else:
+                self.fragmented_text = opcode is Opcode.TEXT
+                self.fragments = [frame.data]
+        elif opcode is Opcode.CONT:
+            self.fragments.append(frame.data)
+            if frame.fin:
+                data, self.fragments = b"".join(self.fragments), []
+                self.on_message(self.fragmented_text, data)
+        # PING, PONG and CLOSE are answered by the protocol itself.
+
+    def on_message(self, is_text: bool, data: bytes) -> None:
+        if self.member is None or self.protocol.state is not State.OPEN:
+            return
+        if not is_text:
+            self.server.on_binary(self)
+            return
+        try:
+            line = data.decode()
+        except UnicodeDecodeError:
+            self.protocol.fail(1007, "invalid UTF-8")
+            self.send_protocol_data()
+            return
+        self.server.on_line(self, line)
+
+    # Sending
+
+    def write(self, data: bytes) -> None:
+        """The one path by which chat frames reach a client."""
+        if self.protocol.state is not State.OPEN:
+            return
+        if self.transport.get_write_buffer_size() > self.server.config.max_buffer:
+            self.server.drop(self, "too slow")
+            return
+        self.transport.write(data)
+
+    def send_protocol_data(self) -> None:
+        """Write what the protocol wants written: pongs, close frames, the
+        handshake response; an empty chunk means "close the TCP connection"."""
+        for data in self.protocol.data_to_send():
+            if data:
+                self.transport.write(data)
+            else:
+                self.transport.close()
+        if self.protocol.close_expected() and self.timer is None:
+            self.arm_close_timer()
+
+    def ping(self) -> None:
+        self.ping_sent_at = time.monotonic()
+        self.protocol.send_ping(b"")
+        self.send_protocol_data()
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; give up on the peer after a while."""
+        if self.protocol.state is State.OPEN:
+            self.protocol.send_close(code, reason)
+            self.send_protocol_data()
+        if self.timer is None:
+            self.arm_close_timer()
+
+    def arm_close_timer(self) -> None:
+        self.timer = asyncio.get_running_loop().call_later(
+            self.server.config.shutdown_timeout, self.transport.abort)
+
+
 class ChatServer:
-    """The I/O around `Chat`: handshake checks, reading lines, sending frames."""
+    """The I/O around `Chat`: handshake checks, lines in, frames out."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.chat = Chat(config)
         self.metrics = Metrics()
-        self.broker = LocalBroker(self.chat, config, self.metrics)
-        self.members: set[Member] = set()
+        self.broker = LocalBroker(self.metrics)
+        self.clients: set[Client] = set()  # in the chat, past the handshake
         self.per_ip: collections.Counter[str] = collections.Counter()
-        self.sweeper: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
 
-    async def handle(self, connection: ServerConnection) -> None:
-        ticket: Ticket = connection.ticket
+    # Entering and leaving
+
+    def enter(self, client: Client, ticket: Ticket) -> None:
+        member, out = self.chat.join(ticket.room, ticket.name, ticket.since, ticket.epoch,
+                                     ticket.address)
+        member.connection = client
+        client.member = member
+        client.address = ticket.address
+        self.clients.add(client)
         self.per_ip[ticket.address] += 1
-        member = None
-        try:
-            member, out = self.chat.join(ticket.room, ticket.name, ticket.since,
-                                         ticket.epoch, ticket.address)
-            member.connection = connection
-            self.members.add(member)
-            self.metrics.connections_total += 1
-            log.info("connect room=%s name=%s address=%s", ticket.room, member.name,
-                     ticket.address)
-            self.broker.send(member, (data for _, data in out))
+        self.metrics.connections_total += 1
+        log.info("connect room=%s name=%s address=%s", member.room.name, member.name,
+                 ticket.address)
+        self.send(client, out)
+        self.broker.publish(member.room)
+
+    def forget(self, client: Client) -> None:
+        member = client.member
+        if member is None or client not in self.clients:
+            return
+        self.clients.discard(client)
+        self.per_ip[client.address] -= 1
+        if not self.per_ip[client.address]:
+            del self.per_ip[client.address]
+        self.chat.leave(member)
+        self.broker.publish(member.room)
+        log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
+                 member.name, client.address, client.protocol.close_code)
+
+    # Lines in
+
+    def on_line(self, client: Client, line: str) -> None:
+        self.metrics.messages_received += 1
+        member = client.member
+        self.send(client, self.chat.receive(member, line))
+        if member.room.pending:
             self.broker.publish(member.room)
-            await self.read_lines(member, connection)
-        finally:
-            self.per_ip[ticket.address] -= 1
-            if not self.per_ip[ticket.address]:
-                del self.per_ip[ticket.address]
-            if member is not None:
-                self.members.discard(member)
-                self.chat.leave(member)
-                self.broker.publish(member.room)
-                log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
-                         member.name, ticket.address, connection.close_code)
+        if member.close_with is not None:
+            self.metrics.dropped[member.close_with[1]] += 1
+            log.warning("closing %s in %s from %s: %s", member.name, member.room.name,
+                        client.address, member.close_with[1])
+            client.close(*member.close_with)
 
-    async def read_lines(self, member: Member, connection: ServerConnection) -> None:
-        room = member.room
-        try:
-            async for message in connection:
-                self.metrics.messages_received += 1
-                if isinstance(message, bytes):
-                    out = [(member, encode(error(room.name, "binary frames are not "
-                                                 "supported; send text")))]
-                else:
-                    out = self.chat.receive(member, message)
-                if out:
-                    self.broker.send(member, (data for _, data in out))
-                if room.pending:
-                    self.broker.publish(room)
-                if member.close_with is not None:
-                    if member.close_with[1] == "flooding":
-                        self.metrics.dropped["flooding"] += 1
-                        log.warning("closing %s in %s from %s: flooding", member.name,
-                                    room.name, member.address)
-                    await connection.close(*member.close_with)
-                    return
-        except websockets.ConnectionClosed:
-            pass
+    def on_binary(self, client: Client) -> None:
+        self.metrics.messages_received += 1
+        room = client.member.room
+        self.send(client, [(client.member, encode(error(
+            room.name, "binary frames are not supported; send text")))])
 
-    # Handshake checks: everything a client can be refused for, before the
+    def send(self, client: Client, out: Outgoing) -> None:
+        if out:
+            client.write(b"".join(frame_text(data) for _, data in out))
+
+    def drop(self, client: Client, reason: str) -> None:
+        """Close a client that cannot keep up; the others go on."""
+        member = client.member
+        if member.close_with is not None:
+            return
+        member.close_with = (CLOSE_POLICY, reason)
+        self.metrics.dropped[reason] += 1
+        log.warning("dropping %s in %s from %s: %s", member.name, member.room.name,
+                    client.address, reason)
+        client.close(*member.close_with)
+
+    # The handshake: everything a client can be refused for, before the
     # upgrade, as an HTTP status and one plain line.
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def answer(self, client: Client, request: Request) -> Response | None:
+        """An HTTP response for `request`, or None to go on with the upgrade."""
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return self.http_answer(connection, request)
+            return self.http_answer(client, request)
+        address = self.client_address(client, request)
         try:
-            connection.ticket = self.check_handshake(connection, request)
+            request.ticket = self.check_handshake(request, address)
         except Refused as refusal:
             self.metrics.refused[refusal.status] += 1
-            log.warning("refused %s %s from %s: %s", request.path, refusal.status,
-                        self.client_address(connection, request), refusal.reason)
-            return connection.respond(refusal.status, refusal.reason + "\n")
+            log.warning("refused %s %s from %s: %s", request.path[:100], refusal.status,
+                        address, refusal.reason)
+            return client.protocol.reject(refusal.status, refusal.reason + "\n")
         return None
 
-    def check_handshake(self, connection: ServerConnection, request: Request) -> Ticket:
+    def check_handshake(self, request: Request, address: str) -> Ticket:
         config = self.config
         origin = request.headers.get("Origin")
         if config.allow_origin and origin not in config.allow_origin:
             raise Refused(403, f"origin {origin} is not allowed")
-        address = self.client_address(connection, request)
-        if len(self.members) >= config.max_clients:
+        if len(self.clients) >= config.max_clients:
             raise Refused(503, "server full; try again later")
         if self.per_ip[address] >= config.max_per_ip:
             raise Refused(503, "too many connections from your address")
@@ -727,35 +852,34 @@ class ChatServer:
         return Ticket(room, params.get("name"), parse_since(params.get("since")),
                       params.get("epoch"), address)
 
-    def client_address(self, connection: ServerConnection, request: Request) -> str:
+    def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:
             forwarded = request.headers.get("X-Forwarded-For")
             if forwarded:
                 # The right-most entry is the one our trusted proxy added.
-                return forwarded.rsplit(",", 1)[-1].strip()
-        peer = connection.remote_address
-        return str(peer[0]) if peer else "unknown"
+                return forwarded.rsplit(",", 1)[-1].strip()[:64]
+        return client.address
 
     # HTTP answers on the same port
 
-    def http_answer(self, connection: ServerConnection, request: Request) -> Response:
+    def http_answer(self, client: Client, request: Request) -> Response:
         path = request.path.partition("?")[0]
         if path == "/healthz":
-            return connection.respond(200, "ok\n")
+            return client.protocol.reject(200, "ok\n")
         if path == "/metrics":
-            response = connection.respond(200, self.metrics_text())
+            response = client.protocol.reject(200, self.metrics_text())
             del response.headers["Content-Type"]
             response.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
             return response
-        return connection.respond(426, "This is a WebSocket chat server: open the chat "
-                                       "page (public/index.html) instead.\n")
+        return client.protocol.reject(426, "This is a WebSocket chat server: open the chat "
+                                           "page (public/index.html) instead.\n")
 
     def metrics_text(self) -> str:
         m = self.metrics
         lines = [
             "# HELP chat_connections Clients connected now.",
             "# TYPE chat_connections gauge",
-            f"chat_connections {len(self.members)}",
+            f"chat_connections {len(self.clients)}",
             "# HELP chat_rooms Rooms in memory now.",
             "# TYPE chat_rooms gauge",
             f"chat_rooms {len(self.chat.rooms)}",
@@ -769,25 +893,53 @@ class ChatServer:
             f"chat_frames_delivered_total {m.frames_delivered}",
             "# TYPE chat_clients_dropped_total counter",
         ]
-        for reason in ("flooding", "too slow", *sorted(set(m.dropped) - {"flooding", "too slow"})):
+        for reason in ("flooding", "too slow", "no pong",
+                       *sorted(set(m.dropped) - {"flooding", "too slow", "no pong"})):
             lines.append(f'chat_clients_dropped_total{{reason="{reason}"}} {m.dropped[reason]}')
         lines.append("# TYPE chat_handshakes_refused_total counter")
         for status, count in sorted(m.refused.items()):
             lines.append(f'chat_handshakes_refused_total{{status="{status}"}} {count}')
         return "\n".join(lines) + "\n"
 
-    # Shutdown
+    # Background work: dead peers and idle rooms
 
-    def say_goodbye(self) -> None:
-        for room in {member.room for member in self.members}:
-            room.announce(shutdown(room.name))
-            self.broker.flush(room)
+    async def keep_alive(self) -> None:
+        """Ping every client each --ping-interval; a client that has sent
+        nothing, not even the pong, for --ping-timeout after it is dead."""
+        config = self.config
+        step = max(0.05, min(config.ping_interval, config.ping_timeout) / 2)
+        last_round = time.monotonic()
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for client in list(self.clients):
+                if client.ping_sent_at is not None and now - client.ping_sent_at > config.ping_timeout:
+                    self.metrics.dropped["no pong"] += 1
+                    log.warning("no pong from %s in %s from %s", client.member.name,
+                                client.member.room.name, client.address)
+                    client.protocol.fail(1011, "keepalive ping timeout")
+                    client.send_protocol_data()
+                    client.transport.abort()
+            if now - last_round >= config.ping_interval:
+                last_round = now
+                for client in self.clients:
+                    if client.ping_sent_at is None and client.protocol.state is State.OPEN:
+                        client.ping()
 
     async def sweep_rooms(self) -> None:
         interval = max(0.05, min(SWEEP_INTERVAL_S, self.config.room_ttl))
         while True:
             await asyncio.sleep(interval)
             self.chat.forget_idle_rooms()
+
+    # Shutdown
+
+    def say_goodbye(self) -> None:
+        for room in {client.member.room for client in self.clients}:
+            room.announce(shutdown(room.name))
+            self.broker.flush(room)
+        for client in list(self.clients):
+            client.close(CLOSE_GOING_AWAY, "server shutting down")
 
 
 def room_from_path(path: str) -> str:
@@ -891,45 +1043,42 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def listen(config: Config) -> tuple[ChatServer, Server]:
+async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
     """Start serving `config` and return the chat and the listening server."""
     chat_server = ChatServer(config)
     ssl_context = None
     if config.certfile:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ssl_context.load_cert_chain(config.certfile, config.keyfile)
-    ws_server = await serve(
-        chat_server.handle, config.host, config.port,
-        process_request=chat_server.process_request,
-        compression=None,  # see the fan-out: frames are shared, not compressed
-        max_size=config.max_size,
-        open_timeout=config.handshake_timeout,
-        ping_interval=config.ping_interval,
-        ping_timeout=config.ping_timeout,
-        close_timeout=min(config.shutdown_timeout, 5.0),
-        ssl=ssl_context,
-        logger=logging.getLogger("chatserver.websockets"),
-    )
-    chat_server.sweeper = asyncio.create_task(chat_server.sweep_rooms())
-    return chat_server, ws_server
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Client(chat_server), config.host, config.port,
+                                      ssl=ssl_context, backlog=1024)
+    chat_server.tasks = [asyncio.create_task(chat_server.sweep_rooms()),
+                         asyncio.create_task(chat_server.keep_alive())]
+    return chat_server, server
 
 
-async def shut_down(chat_server: ChatServer, ws_server: Server) -> None:
-    """Tell everyone, close every connection with 1001, and wait at most
-    --shutdown-timeout for them to go."""
-    log.info("shutting down: %d clients", len(chat_server.members))
-    chat_server.sweeper.cancel()
+async def shut_down(chat_server: ChatServer, server: asyncio.Server) -> None:
+    """Stop listening, tell everyone, close every connection with 1001, and
+    wait at most --shutdown-timeout for them to go."""
+    log.info("shutting down: %d clients", len(chat_server.clients))
+    server.close()
+    for task in chat_server.tasks:
+        task.cancel()
     chat_server.say_goodbye()
-    ws_server.close(close_connections=True)
-    try:
-        await asyncio.wait_for(ws_server.wait_closed(), chat_server.config.shutdown_timeout)
-    except asyncio.TimeoutError:
-        log.warning("shutdown timeout: %d clients did not answer", len(chat_server.members))
+    deadline = time.monotonic() + chat_server.config.shutdown_timeout
+    while chat_server.clients and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if chat_server.clients:
+        log.warning("shutdown timeout: %d clients did not answer", len(chat_server.clients))
+        for client in list(chat_server.clients):
+            client.transport.abort()
+        await asyncio.sleep(0)
 
 
 async def run(config: Config, ready: Callable[[str], None] = print) -> None:
-    chat_server, ws_server = await listen(config)
-    port = ws_server.sockets[0].getsockname()[1]
+    chat_server, server = await listen(config)
+    port = server.sockets[0].getsockname()[1]
     scheme = "wss" if config.certfile else "ws"
     host = config.host or "localhost"
     ready(f"chatserver listening on {scheme}://{host}:{port}/ "
@@ -941,12 +1090,14 @@ async def run(config: Config, ready: Callable[[str], None] = print) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
     await stop
-    await shut_down(chat_server, ws_server)
+    await shut_down(chat_server, server)
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs every open connection at INFO; keep that for DEBUG.
+    protocol_log.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     raise_open_files_limit()
     try:
         asyncio.run(run(config, ready=lambda line: print(line, flush=True)))
