@@ -16,6 +16,9 @@
   const WELCOME_TIMEOUT_MS = 10000;  // a connection not welcomed by then is retried
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
+  const WHO_DELAY_MS = 2000;      // wait this (plus jitter) before asking /who to mend the list...
+  const WHO_INTERVAL_MS = 5000;   // ...and at most this often, or 20 ms per member in
+  const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
 
   // Where the page connects, first match wins: ?server=, the chat-server meta
   // tag, then ws(s)://<this page's host, or localhost from disk>:8765/.
@@ -74,9 +77,12 @@
     wanted: settings.name, // the name we ask for when we (re)connect
     epoch: null,           // the room's seq numbering we have seen...
     lastSeq: 0,            // ...and the last seq shown: resume from here
-    online: new Set(),
-    replaying: false,      // between a welcome and our own join: history
+    online: new Set(),     // names we know to be here...
+    count: 0,              // ...and how many the server says are: the truth
+    historyUpTo: 0,        // chat lines up to this seq, after a welcome, are history
     quietWho: 0,           // /who answers we asked for ourselves, not shown
+    whoTimer: 0,
+    whoAskedAt: -Infinity,
     lastSent: '',
     unread: 0,
   };
@@ -191,17 +197,26 @@
 
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
-    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
     const previous = list.lastElementChild;
     if (continues(previous, row)) row.classList.add('continued');
     list.append(row);
     while (list.childElementCount > MAX_ROWS) list.firstElementChild.remove();
-    if (atBottom || mine) {
-      list.scrollTop = list.scrollHeight;
+    if (view.atBottom || mine) {
+      scrollToEnd();
     } else {
       ui.jump.hidden = false;
     }
     if (announce) say(announce);
+  }
+
+  // The conversation sticks to its newest line unless the reader scrolled up
+  // to read, also when the window (or a phone's keyboard) changes its size.
+  const view = { atBottom: true };
+
+  function scrollToEnd() {
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+    view.atBottom = true;
+    ui.jump.hidden = true;
   }
 
   function continues(previous, row) {
@@ -219,13 +234,14 @@
   }
 
   function notice(message, kind = 'info', ts) {
-    show(noticeRow(message, kind, ts), { announce: chat.replaying ? '' : message });
+    show(noticeRow(message, kind, ts), { announce: message });
   }
 
   // Who is online
 
   function setOnline(names) {
     chat.online = new Set(names.filter((name) => typeof name === 'string'));
+    chat.count = chat.online.size;
     renderOnline();
   }
 
@@ -238,17 +254,27 @@
       return item;
     });
     ui.online.replaceChildren(...items);
-    ui.onlineCount.textContent = String(names.length);
+    ui.onlineCount.textContent = String(chat.count || names.length);
   }
 
-  // The server's count is the truth; if ours drifted (frames crossed on the
-  // way), ask for the list without showing the answer.
+  // The server's count is the truth. When our list disagrees with it (a
+  // crowded room's presence notice names only some, or frames crossed on the
+  // way), ask /who a little later, without showing the answer. The delay has
+  // jitter and a floor so that a crowd does not ask all at once, again and again.
   function checkCount(count) {
-    if (Number.isInteger(count) && count !== chat.online.size) askWho();
-  }
-
-  function askWho() {
-    if (sendLine('/who')) chat.quietWho += 1;
+    if (Number.isInteger(count)) chat.count = count;
+    renderOnline();
+    if (chat.count === chat.online.size || chat.whoTimer) return;
+    const interval = Math.max(WHO_INTERVAL_MS, chat.count * WHO_INTERVAL_PER_MEMBER_MS);
+    const wait = Math.max(WHO_DELAY_MS * (1 + Math.random()),
+      chat.whoAskedAt + interval - performance.now());
+    chat.whoTimer = setTimeout(() => {
+      chat.whoTimer = 0;
+      if (chat.count !== chat.online.size && sendLine('/who')) {
+        chat.quietWho += 1;
+        chat.whoAskedAt = performance.now();
+      }
+    }, wait);
   }
 
   // Frames from the server
@@ -266,15 +292,17 @@
   }
 
   function onChat(frame) {
+    let history = false;
     if (Number.isInteger(frame.seq)) {
       if (frame.seq <= chat.lastSeq) return;  // seen already (history after a resume)
       chat.lastSeq = frame.seq;
+      history = frame.seq <= chat.historyUpTo;
     }
     const own = frame.id === chat.name;
     const row = frame.action ? actionRow(frame, own) : chatRow(frame, own);
     const spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
-    show(row, { announce: chat.replaying || own ? '' : spoken, mine: own && !chat.replaying });
-    if (!chat.replaying && document.hidden) {
+    show(row, { announce: history || own ? '' : spoken, mine: own && !history });
+    if (!history && document.hidden) {
       chat.unread += 1;
       updateTitle();
     }
@@ -288,16 +316,23 @@
         return;
       case 'join':
         if (str(frame.name)) chat.online.add(frame.name);
-        if (frame.name === chat.name) chat.replaying = false;
-        renderOnline();
         checkCount(frame.count);
         notice(frame.message, 'join', frame.ts);
         return;
       case 'leave':
         if (str(frame.name)) chat.online.delete(frame.name);
-        renderOnline();
         checkCount(frame.count);
         notice(frame.message, 'leave', frame.ts);
+        return;
+      case 'presence':  // a crowded room's joins and leaves, gathered
+        for (const name of Array.isArray(frame.joined) ? frame.joined : []) {
+          if (str(name)) chat.online.add(name);
+        }
+        for (const name of Array.isArray(frame.left) ? frame.left : []) {
+          if (str(name)) chat.online.delete(name);
+        }
+        checkCount(frame.count);
+        notice(frame.message, 'presence', frame.ts);
         return;
       case 'nick':
         if (str(frame.old) && str(frame.name)) {
@@ -336,11 +371,13 @@
       chat.lastSeq = 0;
     }
     chat.epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
-    chat.replaying = true;
+    chat.historyUpTo = Number.isInteger(frame.seq) ? frame.seq : 0;
     chat.quietWho = 0;
+    // Remember the name asked for if we got it, or it with a suffix (alice-2):
+    // not a guest name handed out because it was refused.
+    const name = typeof frame.name === 'string' ? frame.name : '?';
     const asked = chat.wanted;
-    becomeNamed(typeof frame.name === 'string' ? frame.name : '?',
-      asked && (frame.name === asked || frame.name.startsWith(`${asked}-`)) ? asked : null);
+    becomeNamed(name, asked && (name === asked || name.startsWith(`${asked}-`)) ? asked : null);
     setOnline(Array.isArray(frame.online) ? frame.online : [chat.name]);
     link.everOnline = true;
     setState('online');
@@ -392,7 +429,8 @@
     clearTimeout(link.welcomeTimer);
     const wasOnline = ui.status.dataset.state === 'online';
     link.socket = null;
-    chat.replaying = false;
+    clearTimeout(chat.whoTimer);
+    chat.whoTimer = 0;
     if (wasOnline) notice('Disconnected from the server. Reconnecting…', 'error');
     scheduleRetry();
   }
@@ -504,12 +542,16 @@
 
   ui.messages.addEventListener('scroll', () => {
     const list = ui.messages;
-    if (list.scrollHeight - list.scrollTop - list.clientHeight < 48) ui.jump.hidden = true;
+    view.atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
+    if (view.atBottom) ui.jump.hidden = true;
   });
 
+  new ResizeObserver(() => {
+    if (view.atBottom) scrollToEnd();
+  }).observe(ui.messages);
+
   ui.jump.addEventListener('click', () => {
-    ui.messages.scrollTop = ui.messages.scrollHeight;
-    ui.jump.hidden = true;
+    scrollToEnd();
     ui.input.focus();
   });
 
