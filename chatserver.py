@@ -1275,6 +1275,9 @@ class RedisBroker(LocalBroker):
                 self.set_up(False)
                 try:
                     await pubsub.aclose()
+                    # Pooled connections to a Redis that went away would each
+                    # fail once more: drop them all, they reconnect on use.
+                    await self.client.connection_pool.disconnect()
                 except self.errors:
                     pass
             await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
@@ -1327,7 +1330,7 @@ class RedisBroker(LocalBroker):
     async def recover(self) -> None:
         """After (re)connecting: our heartbeat, and our names as they are here."""
         try:
-            await self.heartbeat()
+            await self.heartbeat(reconcile=False)
             rooms = {name.decode() for name in
                      await self.call(self.client.smembers, self.proc_rooms_key)}
             for name in rooms | set(self.chat.rooms):
@@ -1359,16 +1362,16 @@ class RedisBroker(LocalBroker):
             except BrokerUnavailable:
                 pass
 
-    async def heartbeat(self) -> None:
-        """Say we are alive.  If our key had expired (we were stalled), others
-        may have removed our names: put them back."""
+    async def heartbeat(self, reconcile: bool = True) -> None:
+        """Say we are alive.  If our key had expired (this process stalled,
+        or Redis lost it), others may have removed our names: put them back."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
         pipe.sadd("chat:procs", self.proc)
         previous, _ = await self.call(pipe.execute)
         self.beats += 1
-        if previous is None and self.beats > 1:
-            log.warning("broker: our heartbeat had expired; re-registering names")
+        if previous is None and self.beats > 1 and reconcile:
+            log.warning("broker: our heartbeat key was gone; registering our names again")
             for name in list(self.chat.rooms):
                 await self.reconcile(name)
 
