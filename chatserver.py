@@ -1080,15 +1080,16 @@ class RedisBroker(LocalBroker):
         """Say goodbye for our members (leave notices), then disconnect."""
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=REDIS_TIMEOUT_S)
-        for task in (self.follower, self.beater):
-            if task:
-                task.cancel()
         if self.up.is_set():
-            try:
+            try:  # whoever is left: their names go, with leave notices
                 await self.sweep_script(keys=["chat:procs"],
                                         args=[self.db, self.room_ttl_ms, self.proc])
             except self.errors as exc:
                 log.warning("broker: could not remove our names: %s", exc)
+        tasks = [task for task in (self.follower, self.beater) if task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.set_up(False)
         if self.client is not None:
             await self.client.aclose()
@@ -1268,7 +1269,9 @@ class RedisBroker(LocalBroker):
                 self.pubsub = pubsub
                 delay = RECONNECT_MIN_S
                 await self.read(pubsub)
-            except self.errors as exc:
+            except Exception as exc:
+                if not isinstance(exc, self.errors):
+                    log.exception("broker: reading the channels failed")
                 self.lost(exc)
             finally:
                 self.pubsub = None
@@ -1293,6 +1296,9 @@ class RedisBroker(LocalBroker):
                 room = self.channels.get(channel)
                 if room is not None:
                     head, _, frame = message["data"].partition(b" ")
+                    if head != b"-" and not head.isdigit():
+                        log.warning("broker: ignoring a foreign message on %r", channel)
+                        continue
                     room.published(head, frame)
                     self.publish(room)
             elif message["type"] == "subscribe":
@@ -1361,6 +1367,8 @@ class RedisBroker(LocalBroker):
                                 [self.db, self.room_ttl_ms, ""])
             except BrokerUnavailable:
                 pass
+            except Exception:
+                log.exception("broker: heartbeat failed")
 
     async def heartbeat(self, reconcile: bool = True) -> None:
         """Say we are alive.  If our key had expired (this process stalled,
@@ -1378,9 +1386,16 @@ class RedisBroker(LocalBroker):
     # Helpers
 
     def spawn(self, coroutine) -> None:
+        """Run `coroutine` on its own; log it if it fails unexpectedly."""
         task = asyncio.ensure_future(coroutine)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and \
+                not isinstance(task.exception(), BrokerUnavailable):
+            log.error("broker task failed", exc_info=task.exception())
 
     def channel(self, room_name: str) -> str:
         return f"chat:{self.db}:{room_name}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from chatserver import (BROKER_DOWN, Config, Post, Rename, SharedChat, Who, frame_prefix,
                         history_window, name_candidates)
@@ -97,8 +99,6 @@ def cluster(redis_server, run_process):
     for process in started:  # whatever happened, nothing crashed
         process.kill()
         assert "Traceback" not in process.stderr(), process.stderr()
-        if __import__("os").environ.get("SHOW_LOGS"):
-            print(process.stderr())
 
 
 def user_frames(frames: list[dict]) -> list[tuple[int, str, str]]:
@@ -178,6 +178,12 @@ def test_no_redis_import_without_broker():
 
 
 # Command line ---------------------------------------------------------------
+
+
+def test_help_documents_broker_and_workers():
+    result = subprocess.run([sys.executable, "chatserver.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert "--broker redis://HOST:PORT/DB" in result.stdout and "--workers" in result.stdout
 
 
 def test_workers_without_broker_is_a_clear_error():
@@ -345,6 +351,9 @@ async def test_redis_stopped_and_restarted_mid_chat(cluster, redis_server):
     error = await alice.expect(event="error")
     assert error["message"] == BROKER_DOWN
     assert alice.ws.state.name == "OPEN" and bob.ws.state.name == "OPEN"
+    with pytest.raises(InvalidStatus) as refused:  # newcomers: try again later
+        await join(b.url, "r", name="carol")
+    assert refused.value.response.status_code == 503
 
     redis_server.start()  # empty: as after a crash without persistence
     async with asyncio.timeout(20):
@@ -408,3 +417,20 @@ async def test_workers_serve_one_port_as_one_chat(run_process, redis_server):
     for client in clients:
         await client.expect(event="shutdown")
     assert await asyncio.to_thread(parent.popen.wait, 20) == 0
+
+
+async def test_a_worker_that_dies_is_restarted(run_process, redis_server):
+    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
+    first, second = children(parent.popen.pid)
+    os.kill(first, signal.SIGKILL)
+    async with asyncio.timeout(15):
+        while True:
+            now = children(parent.popen.pid)
+            if len(now) == 2 and first not in now:
+                break
+            await asyncio.sleep(0.1)
+    assert second in now
+    clients = [await join(parent.url, "r", name=f"u{n}") for n in range(4)]
+    await clients[0].send("still one chat")
+    for client in clients:
+        assert (await client.expect(type="user"))["message"] == "still one chat"
