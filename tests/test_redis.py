@@ -73,7 +73,7 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server():
-    path = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
+    path = shutil.which("redis-server")
     if path is None:
         message = "redis-server is not installed (apt-get install redis-server; see .ci/setup)"
         if in_ci():
