@@ -613,6 +613,7 @@ class LocalBroker:
 # needs the shared state is left as a request for the broker to carry out.
 
 REDIS_TIMEOUT_S = 2.0  # a Redis command that takes longer has failed
+REDIS_CONNECTIONS = 32  # per process, the subscriber's included
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
 RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
@@ -1418,9 +1419,12 @@ async def connect_redis(url: str):
 
     client = None
     try:
-        client = redis.asyncio.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0))  # the broker retries itself, with backoff
+        # At most REDIS_CONNECTIONS: a burst of lines waits for one rather
+        # than opening a connection per sender.
+        client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0)))  # the broker retries itself, with backoff
         await client.ping()
     except (redis.exceptions.RedisError, OSError, ValueError) as exc:
         if client is not None:
