@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import json
 import logging
+import os
 import re
 import resource
 import secrets
@@ -111,6 +112,8 @@ class Config:
     certfile: str | None = None
     keyfile: str | None = None
     log_level: str = "INFO"
+    broker: str | None = None  # redis://HOST:PORT/DB to share rooms with other processes
+    workers: int = 1
 
 
 # Frames -------------------------------------------------------------------
@@ -560,12 +563,30 @@ class Metrics:
 
 
 class LocalBroker:
-    """Fan-out within this process: each room's queued frames to its members."""
+    """Fan-out within this process: each room's queued frames to its members.
 
-    def __init__(self, metrics: Metrics) -> None:
+    The seam the connection handler uses: `start`, `publish`, `leave`,
+    `close`; the Redis broker adds `join` and `receive`, which wait for Redis
+    (`shared` says so), where this one lets `Chat` answer at once.
+    """
+
+    shared = False  # True: joins and lines wait for another server (Redis)
+
+    def __init__(self, chat: Chat, config: Config, metrics: Metrics) -> None:
+        self.chat = chat
         self.metrics = metrics
         self.scheduled: set[Room] = set()
         self.presence_scheduled: set[Room] = set()
+
+    async def start(self) -> None:
+        """Nothing to connect to: rooms live in this process."""
+
+    async def close(self) -> None:
+        """Nothing to disconnect."""
+
+    def leave(self, member: Member) -> None:
+        self.chat.leave(member)
+        self.publish(member.room)
 
     def publish(self, room: Room) -> None:
         """Send what `room` has queued, at the end of this event loop turn."""
@@ -595,6 +616,862 @@ class LocalBroker:
             member.connection.write(data)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
+
+
+# Scale-out over Redis -----------------------------------------------------
+#
+# With --broker redis://HOST:PORT/DB, processes that share a Redis server act
+# as one chat server.  Redis holds what every process must agree on, per room:
+#
+#   chat:ROOM:seq      the last seq given out (INCR)
+#   chat:ROOM:epoch    the room's epoch
+#   chat:ROOM:history  the last --history chat frames, as sent (a list)
+#   chat:ROOM:names    who is in the room: folded name -> {"name","proc","n"}
+#   chat:ROOM:order    a counter that orders `names` as a process would
+#   channel chat:DB:ROOM   every frame for the room, to every process in it
+#
+# and per process: chat:proc:ID (a heartbeat key with a short TTL),
+# chat:proc:ID:rooms (where it has members) and the set chat:procs.  Channel
+# names carry the DB number because Redis channels are server-wide.
+#
+# Each change is one Lua script, atomic in Redis: posting a line numbers it,
+# keeps it and publishes it, so the order of the channel is the order of seq.
+# A process subscribes to a room's channel while it has members there, and
+# every process fans out what the channel brings with the LocalBroker's code.
+# The sans-I/O rules still decide what a line means (`SharedChat`); what
+# needs the shared state is left as a request for the broker to carry out.
+
+REDIS_TIMEOUT_S = 2.0  # a Redis command that takes longer has failed
+REDIS_CONNECTIONS = 32  # per process, the subscriber's included
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
+RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
+RECONNECT_MAX_S = 3.0  # ...doubling up to this
+NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
+BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
+CLOSE_TRY_AGAIN = 1013
+
+
+class BrokerUnavailable(Exception):
+    """Redis cannot be reached: at start, or for one operation while running."""
+
+
+@dataclasses.dataclass
+class Post:
+    """A chat line to number, keep and publish."""
+
+    name: str
+    text: str
+    action: bool = False
+
+
+@dataclasses.dataclass
+class Rename:
+    member: Member
+    new: str
+
+
+@dataclasses.dataclass
+class Who:
+    member: Member
+
+
+Errand = Post | Rename | Who  # what SharedChat leaves for the broker to do
+
+
+@dataclasses.dataclass(eq=False)
+class SharedRoom(Room):
+    """A room whose numbering, history and names live in Redis.
+
+    Locally it holds this process's members and the frames the room's channel
+    brought: `seq` is the last seq received, and frames at or below it are
+    duplicates.  Until the room is synced with Redis (after each subscription),
+    what the channel brings waits in `early`.
+    """
+
+    requests: list[Errand] = dataclasses.field(default_factory=list)
+    joining: int = 0  # newcomers being let in: the fan-out waits for them
+    synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    ever_synced: bool = False
+    early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+
+    def post(self, name: str, text: str, action: bool = False) -> None:
+        self.requests.append(Post(name, text, action))
+
+    def published(self, head: bytes, frame: bytes) -> None:
+        """Queue a frame from the room's channel for the fan-out.
+
+        `head` is the frame's seq for a chat message, b"-" for a notice.
+        """
+        if not self.synced.is_set():
+            self.early.append((head, frame))
+            return
+        if head != b"-":
+            seq = int(head)
+            if seq <= self.seq:
+                return  # known from the sync point: in Redis's history
+            self.seq = seq
+            self.pending_seq.append(seq)
+        self.pending.append(frame)
+
+    def resync(self, epoch: str, last_seq: int, frames: list[bytes]) -> None:
+        """Take up Redis's state after a (re)subscription.
+
+        The first time, the room starts at Redis's last seq.  After a
+        reconnection, messages of the same epoch missed meanwhile are queued
+        from the history; another epoch is taken as it is.
+        """
+        if self.ever_synced and epoch == self.epoch:
+            first = last_seq - len(frames) + 1
+            for seq, data in enumerate(frames, first):
+                if seq > self.seq:
+                    self.pending.append(data)
+                    self.pending_seq.append(seq)
+            self.seq = max(self.seq, last_seq)
+        else:
+            self.adopt(epoch, last_seq)
+        self.ever_synced = True
+        self.synced.set()
+        early, self.early = self.early, []
+        for head, frame in early:
+            if head != b"-" or self.members:
+                self.published(head, frame)
+
+    def adopt(self, epoch: str, last_seq: int) -> None:
+        """Start over at `last_seq` of `epoch`."""
+        self.epoch = epoch
+        self.seq = self.delivered_seq = last_seq
+        self.pending_seq = []
+        if not self.members:
+            self.pending = []
+
+
+def history_window(last_seq: int, frames: list[bytes], delivered: int,
+                   since: int | None) -> tuple[int, list[bytes]]:
+    """Room.history_since for a history read from Redis.
+
+    `frames` hold consecutive seqs ending at `last_seq`; only those up to
+    `delivered` are returned (later ones reach the newcomer by the fan-out).
+    """
+    first = last_seq - len(frames) + 1
+    start = 0 if since is None else since
+    kept = [data for seq, data in enumerate(frames, first) if start < seq <= delivered]
+    oldest = first if frames else delivered + 1
+    missed = max(0, min(oldest, delivered + 1) - start - 1)
+    return (missed if since is not None else 0), kept
+
+
+def frame_prefix(frame: dict, last: str) -> bytes:
+    """`frame` encoded up to the value of its field `last`, which Redis fills
+    in: prefix + value + b"}" is the whole frame."""
+    head = {key: value for key, value in frame.items() if key != last}
+    return encode(head)[:-1] + b',"' + last.encode() + b'":'
+
+
+def name_candidates(wanted: str, start: int, count: int) -> list[str]:
+    """`wanted`, `wanted-2`, `wanted-3`... as Room.unique_name tries them,
+    from the `start`th (1 is `wanted` itself)."""
+    names = []
+    for n in range(start, start + count):
+        suffix = "" if n == 1 else f"-{n}"
+        names.append(wanted[: NAME_MAX_CHARS - len(suffix)] + suffix)
+    return names
+
+
+def online_names(values: list[bytes]) -> list[str]:
+    """The names of a room's `names` hash, in the order they came."""
+    entries = [json.loads(value) for value in values]
+    return [entry["name"] for entry in sorted(entries, key=lambda entry: entry["n"])]
+
+
+class SharedChat(Chat):
+    """The chat rules for rooms shared through Redis.  Still no I/O.
+
+    Posting, renaming and /who need the shared state: they are left in
+    `room.requests` for the broker to carry out, in order, after each line.
+    """
+
+    def __init__(self, config: Config = Config(), clock: Callable[[], float] = time.monotonic):
+        super().__init__(config, clock)
+        self.broker_up = False
+
+    def check_room(self, room_name: str) -> None:
+        if not self.broker_up:
+            raise Refused(503, "chat is unavailable: the message broker is down; "
+                               "try again soon")
+        super().check_room(room_name)
+
+    def shared_room(self, room_name: str) -> SharedRoom:
+        room = self.rooms.get(room_name)
+        if room is None:
+            room = self.rooms[room_name] = SharedRoom(room_name, self.config.history)
+        return room
+
+    def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
+        """The name a newcomer asked for, if it is valid, and notes for it."""
+        if wanted is None:
+            return None, []
+        wanted = unicodedata.normalize("NFC", wanted)
+        problem = name_problem(wanted)
+        if problem:
+            return None, [error(room_name, f"name {wanted!r} refused: {problem}; "
+                                           "you are a guest")]
+        return wanted, []
+
+    def newcomer(self, room: SharedRoom, name: str, address: str) -> Member:
+        member = Member(name, room, address, tokens=self.config.burst, refilled_at=self.clock())
+        room.members[fold(name)] = member
+        return member
+
+    def command(self, member: Member, line: str) -> Outgoing:
+        if line.partition(" ")[0].lower() == "/who":
+            member.room.requests.append(Who(member))
+            return []
+        return super().command(member, line)
+
+    def rename(self, member: Member, new: str) -> Outgoing:
+        new = unicodedata.normalize("NFC", new)
+        problem = "usage: /nick NAME" if not new else name_problem(new)
+        if problem is None and new == member.name:
+            problem = f"you are already {new}"
+        if problem:
+            return [(member, encode(error(member.room.name, problem)))]
+        member.room.requests.append(Rename(member, new))
+        return []
+
+    def renamed(self, member: Member, new: str) -> None:
+        """Redis granted `member` the name `new`."""
+        members = member.room.members
+        del members[fold(member.name)]
+        member.name = new
+        members[fold(new)] = member
+
+
+# The Lua scripts.  Keys are passed in KEYS where the script knows them in
+# advance; the sweep finds rooms as it goes (fine on a single Redis server).
+
+LUA_COMMON = """
+local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
+  -- The room's epoch, created as `epoch` if Redis has none (a new room, or
+  -- Redis lost its data): then its numbering resumes after `floor`, the
+  -- last seq the caller knows, so that its clients see no step back.
+  local current = redis.call('GET', epoch_key)
+  if not current then
+    current = epoch
+    if ttl then
+      redis.call('SET', epoch_key, epoch, 'PX', ttl)
+    else
+      redis.call('SET', epoch_key, epoch)
+    end
+    if tonumber(redis.call('GET', seq_key) or '0') < floor then
+      redis.call('SET', seq_key, floor)
+      redis.call('DEL', history_key)
+    end
+  end
+  return current
+end
+
+local function room_key(room, what)
+  return 'chat:' .. room .. ':' .. what
+end
+
+local function forget_later(room, ttl)
+  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
+    redis.call('PEXPIRE', room_key(room, what), ttl)
+  end
+end
+
+local function keep(room)
+  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
+    redis.call('PERSIST', room_key(room, what))
+  end
+end
+
+local function leave_notice(room, name, count)
+  -- The `leave` frame of chatserver.left(), for names whose process died.
+  local now = redis.call('TIME')
+  local ts = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+  return '- {"type":"sys","event":"leave","room":' .. cjson.encode(room) ..
+    ',"message":' .. cjson.encode(name .. ' has left') .. ',"ts":' .. ts ..
+    ',"name":' .. cjson.encode(name) .. ',"count":' .. count .. '}'
+end
+
+local function remove_names(room, channel, proc, except)
+  -- Remove the names `proc` holds in `room` (but those in `except`), each
+  -- with its leave notice; forget the room later if it is empty now.
+  local names_key = room_key(room, 'names')
+  local marker = '"proc":"' .. proc .. '"'
+  local values = redis.call('HGETALL', names_key)
+  for i = 1, #values, 2 do
+    if not except[values[i]] and string.find(values[i + 1], marker, 1, true) then
+      redis.call('HDEL', names_key, values[i])
+      local count = redis.call('HLEN', names_key)
+      if count > 0 then
+        redis.call('PUBLISH', channel, leave_notice(room, cjson.decode(values[i + 1]).name, count))
+      end
+    end
+  end
+end
+"""
+
+# KEYS: seq, epoch, history.  ARGV: channel, frame prefix, history limit,
+# epoch, last seq known.  Returns {seq, epoch}.
+LUA_POST = LUA_COMMON + """
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]), nil)
+local seq = redis.call('INCR', KEYS[1])
+local frame = ARGV[2] .. seq .. '}'
+redis.call('RPUSH', KEYS[3], frame)
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
+return {seq, epoch}
+"""
+
+# KEYS: seq, epoch, history.  ARGV: epoch, last seq known, room ttl (ms).
+# Returns {epoch, last seq, history}.
+LUA_SYNC = LUA_COMMON + """
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+# KEYS: seq, epoch, history, names, order, this process's rooms.
+# ARGV: channel, room, epoch, last seq known, then for each candidate name:
+# folded name, member value prefix, join notice prefix.
+# Returns {0} if every candidate is taken, else {index of the name taken,
+# epoch, last seq, history, names}.
+LUA_JOIN = LUA_COMMON + """
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
+for i = 5, #ARGV, 3 do
+  if redis.call('HEXISTS', KEYS[4], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. redis.call('INCR', KEYS[5]) .. '}')
+    keep(ARGV[2])
+    redis.call('SADD', KEYS[6], ARGV[2])
+    local count = redis.call('HLEN', KEYS[4])
+    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[i + 2] .. count .. '}')
+    return {(i - 2) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
+            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4])}
+  end
+end
+return {0}
+"""
+
+# KEYS: names, this process's rooms.  ARGV: channel, room, folded name,
+# process, leave notice prefix, room ttl (ms), "1" if the process has no one
+# left in the room.
+LUA_LEAVE = LUA_COMMON + """
+local value = redis.call('HGET', KEYS[1], ARGV[3])
+if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) then
+  redis.call('HDEL', KEYS[1], ARGV[3])
+  local count = redis.call('HLEN', KEYS[1])
+  if count > 0 then
+    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5] .. count .. '}')
+  else
+    forget_later(ARGV[2], ARGV[6])
+  end
+end
+if ARGV[7] == '1' then
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: names, order.  ARGV: channel, old folded name, new folded name, new
+# member value prefix, nick notice.  Returns 1, or 0 if the name is taken.
+LUA_RENAME = """
+if ARGV[3] ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. redis.call('INCR', KEYS[2]) .. '}')
+redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5])
+return 1
+"""
+
+# Make the names a process holds in a room exactly its members there: after
+# Redis came back (maybe empty), or after the process was taken for dead.
+# Re-registered names are not announced: the others never saw them go.
+# KEYS: seq, epoch, history, names, order, this process's rooms.
+# ARGV: channel, room, process, room ttl (ms), epoch ("" if none), last seq
+# known, then for each member: folded name, member value prefix.
+# Returns the folded names someone else took meanwhile.
+LUA_RECONCILE = LUA_COMMON + """
+local mine = {}
+for i = 7, #ARGV, 2 do mine[ARGV[i]] = ARGV[i + 1] end
+remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
+local taken = {}
+for folded, prefix in pairs(mine) do
+  local value = redis.call('HGET', KEYS[4], folded)
+  if not value then
+    redis.call('HSET', KEYS[4], folded, prefix .. redis.call('INCR', KEYS[5]) .. '}')
+  elseif not string.find(value, '"proc":"' .. ARGV[3] .. '"', 1, true) then
+    table.insert(taken, folded)
+  end
+end
+if redis.call('HLEN', KEYS[4]) > 0 then
+  if ARGV[5] ~= '' then
+    ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil)
+  end
+  keep(ARGV[2])
+else
+  forget_later(ARGV[2], ARGV[4])
+end
+if next(mine) then
+  redis.call('SADD', KEYS[6], ARGV[2])
+else
+  redis.call('SREM', KEYS[6], ARGV[2])
+end
+return taken
+"""
+
+# Remove the names of dead processes (no heartbeat key), each with its leave
+# notice, and forget the processes.  KEYS: the set of processes.  ARGV: DB
+# number (for channel names), room ttl (ms), a process to remove now even if
+# alive ("" if none: on a clean shutdown).  Returns how many names went.
+LUA_SWEEP = LUA_COMMON + """
+local swept = 0
+for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if proc == ARGV[3] or redis.call('EXISTS', 'chat:proc:' .. proc) == 0 then
+    local rooms_key = 'chat:proc:' .. proc .. ':rooms'
+    for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+      local before = redis.call('HLEN', room_key(room, 'names'))
+      remove_names(room, 'chat:' .. ARGV[1] .. ':' .. room, proc, {})
+      local after = redis.call('HLEN', room_key(room, 'names'))
+      swept = swept + before - after
+      if after == 0 and before > 0 then
+        forget_later(room, ARGV[2])
+      end
+    end
+    redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
+    redis.call('SREM', KEYS[1], proc)
+  end
+end
+return swept
+"""
+
+
+class RedisBroker(LocalBroker):
+    """The fan-out for processes that share a Redis server.
+
+    Same methods as LocalBroker; `publish`, `flush`, `send` and `write` are
+    its own, so every frame still reaches clients by one path.  What goes to
+    a room goes through Redis and comes back on the room's channel.
+
+    If Redis goes away, clients stay connected and their lines get an error;
+    the broker reconnects with backoff and, once back, resubscribes, catches
+    up with the rooms' seq and re-registers its members' names.
+    """
+
+    shared = True
+
+    def __init__(self, chat: SharedChat, config: Config, metrics: Metrics) -> None:
+        super().__init__(chat, config, metrics)
+        self.chat: SharedChat = chat
+        self.url = config.broker
+        self.history_limit = config.history
+        self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
+        self.proc = secrets.token_hex(8)
+        self.proc_key = f"chat:proc:{self.proc}"
+        self.proc_rooms_key = f"chat:proc:{self.proc}:rooms"
+        self.db = 0
+        self.channels: dict[bytes, SharedRoom] = {}
+        self.control = b""  # a channel of our own: confirms each (re)connection
+        self.client = None  # redis.asyncio.Redis
+        self.pubsub = None
+        self.errors: tuple[type[BaseException], ...] = (OSError,)
+        self.up = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.follower: asyncio.Task | None = None
+        self.beater: asyncio.Task | None = None
+        self.beats = 0
+
+    # Starting and stopping
+
+    async def start(self) -> None:
+        """Connect to Redis; raise BrokerUnavailable if it cannot be reached."""
+        import redis.exceptions
+
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.client = await connect_redis(self.url)
+        self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
+        self.control = f"chat:{self.db}:proc:{self.proc}".encode()
+        script = self.client.register_script
+        self.post_script, self.sync_script = script(LUA_POST), script(LUA_SYNC)
+        self.join_script, self.leave_script = script(LUA_JOIN), script(LUA_LEAVE)
+        self.rename_script, self.reconcile_script = script(LUA_RENAME), script(LUA_RECONCILE)
+        self.sweep_script = script(LUA_SWEEP)
+        self.follower = asyncio.create_task(self.follow())
+        self.beater = asyncio.create_task(self.beat())
+        try:
+            await asyncio.wait_for(self.up.wait(), REDIS_TIMEOUT_S * 2)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise BrokerUnavailable(f"the message broker at {safe_url(self.url)} "
+                                    "does not answer") from None
+        log.info("broker %s: process %s", safe_url(self.url), self.proc)
+
+    async def close(self) -> None:
+        """Say goodbye for our members (leave notices), then disconnect."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=REDIS_TIMEOUT_S)
+        if self.up.is_set():
+            try:  # whoever is left: their names go, with leave notices
+                await self.sweep_script(keys=["chat:procs"],
+                                        args=[self.db, self.room_ttl_ms, self.proc])
+            except self.errors as exc:
+                log.warning("broker: could not remove our names: %s", exc)
+        tasks = [task for task in (self.follower, self.beater) if task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.set_up(False)
+        if self.client is not None:
+            await self.client.aclose()
+
+    # What clients do
+
+    async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        """Let a newcomer in: its name claimed in Redis, its welcome with
+        the whole room's names, and the history, from Redis, up to what this
+        process has delivered: later frames reach it by the fan-out, which
+        waits meanwhile."""
+        chat = self.chat
+        if not self.up.is_set():
+            raise BrokerUnavailable(BROKER_DOWN)
+        wanted, notes = chat.newcomer_name(ticket.room, ticket.name)
+        room = chat.shared_room(ticket.room)
+        room.joining += 1
+        try:
+            await self.enter(room)
+            name, claim = await self.claim(room, wanted)
+            epoch, last_seq, frames, values = claim
+            if epoch.decode() != room.epoch:
+                room.adopt(epoch.decode(), int(last_seq))
+            member = chat.newcomer(room, name, ticket.address)
+        finally:
+            room.joining -= 1
+            self.publish(room)  # what the fan-out held back
+            self.forget_if_empty(room)
+        since = ticket.since if ticket.epoch == room.epoch else None
+        missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
+        out = [(member, encode(welcome(room.name, name, online_names(values),
+                                       room.delivered_seq, room.epoch)))]
+        out += [(member, encode(note)) for note in notes]
+        if missed:
+            out.append((member, encode(gap(room.name, missed))))
+        out += [(member, data) for data in history]
+        return member, out
+
+    def leave(self, member: Member) -> None:
+        room = member.room
+        if room.members.get(fold(member.name)) is not member:
+            return
+        del room.members[fold(member.name)]
+        self.spawn(self.leave_redis(room, member.name, not room.members))
+        self.forget_if_empty(room)
+
+    async def receive(self, member: Member, line: str) -> Outgoing:
+        out = self.chat.receive(member, line)
+        room = member.room
+        requests, room.requests = room.requests, []
+        for request in requests:
+            try:
+                out += await self.carry_out(member, request)
+            except BrokerUnavailable:
+                out.append((member, encode(error(room.name, BROKER_DOWN))))
+        return out
+
+    def flush(self, room: SharedRoom) -> None:
+        if room.joining:
+            # A newcomer's history is being read up to delivered_seq: hold
+            # the live frames until it is a member, then it gets them too.
+            self.scheduled.discard(room)
+            return
+        super().flush(room)
+
+    # Carrying out requests
+
+    async def carry_out(self, member: Member, request: Errand) -> Outgoing:
+        room = member.room
+        if isinstance(request, Post):
+            frame = chat(room.name, request.name, request.text, 0, request.action)
+            _, epoch = await self.call(
+                self.post_script, self.room_keys(room.name, "seq", "epoch", "history"),
+                [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
+                 room.epoch, room.seq])
+            if epoch.decode() != room.epoch:
+                log.warning("room %s: epoch changed in Redis; syncing", room.name)
+                self.spawn(self.sync(room))
+            return []
+        if isinstance(request, Who):
+            values = await self.call(self.client.hvals, f"chat:{room.name}:names")
+            return [(member, encode(who(room.name, online_names(values))))]
+        old, new = member.name, request.new
+        granted = await self.call(
+            self.rename_script, self.room_keys(room.name, "names", "order"),
+            [self.channel(room.name), fold(old), fold(new), self.member_value(new),
+             encode(renamed(room.name, old, new))])
+        if not granted:
+            return [(member, encode(error(room.name, f"{new} is already taken in {room.name}")))]
+        self.chat.renamed(member, new)
+        return []
+
+    async def claim(self, room: SharedRoom, wanted: str | None) -> tuple[str, list]:
+        """Claim `wanted` or the first free of its suffixed variants (or a
+        guest name) in Redis, announcing the join.  Returns the name and the
+        room's epoch, last seq, history and names."""
+        start = 1
+        while True:
+            if wanted is None:
+                names = [f"guest-{secrets.token_hex(2)}" for _ in range(NAME_CANDIDATES)]
+            else:
+                names = name_candidates(wanted, start, NAME_CANDIDATES)
+            args = [self.channel(room.name), room.name, room.epoch, room.seq]
+            for name in names:
+                args += [fold(name), self.member_value(name),
+                         frame_prefix(joined(room.name, name, 0), "count")]
+            result = await self.call(
+                self.join_script,
+                self.room_keys(room.name, "seq", "epoch", "history", "names", "order")
+                + [self.proc_rooms_key], args)
+            if result[0]:
+                return names[result[0] - 1], result[1:]
+            start += NAME_CANDIDATES
+
+    async def leave_redis(self, room: SharedRoom, name: str, last_here: bool) -> None:
+        try:
+            await self.call(
+                self.leave_script, [f"chat:{room.name}:names", self.proc_rooms_key],
+                [self.channel(room.name), room.name, fold(name), self.proc,
+                 frame_prefix(left(room.name, name, 0), "count"), self.room_ttl_ms,
+                 int(last_here)])
+        except BrokerUnavailable:
+            pass  # the reconciliation after reconnecting removes the name
+
+    # Rooms and their channels
+
+    async def enter(self, room: SharedRoom) -> None:
+        """Subscribe to the room's channel if needed; wait until it is synced."""
+        channel = self.channel(room.name).encode()
+        if channel not in self.channels:
+            if self.pubsub is None:
+                raise BrokerUnavailable(BROKER_DOWN)
+            self.channels[channel] = room
+            await self.call(self.pubsub.subscribe, channel)
+        try:
+            await asyncio.wait_for(room.synced.wait(), REDIS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise BrokerUnavailable(BROKER_DOWN) from None
+
+    async def sync(self, room: SharedRoom) -> None:
+        """The sync point, once the subscription is confirmed: Redis's last
+        seq, and what was missed since the last time."""
+        try:
+            epoch, last_seq, frames = await self.call(
+                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history"),
+                [room.epoch, room.seq, self.room_ttl_ms])
+        except BrokerUnavailable:
+            return  # the next connection syncs again
+        if self.channels.get(self.channel(room.name).encode()) is room:
+            room.resync(epoch.decode(), int(last_seq), frames)
+            self.publish(room)
+            self.forget_if_empty(room)
+
+    def forget_if_empty(self, room: SharedRoom) -> None:
+        """Drop a room nobody here is in (or entering) and unsubscribe."""
+        if room.members or room.joining or not room.synced.is_set():
+            return  # wait for the subscription's confirmation before undoing it
+        if self.chat.rooms.get(room.name) is room:
+            del self.chat.rooms[room.name]
+        channel = self.channel(room.name).encode()
+        if self.channels.get(channel) is room:
+            del self.channels[channel]
+            if self.pubsub is not None and self.up.is_set():
+                self.spawn(self.call(self.pubsub.unsubscribe, channel))
+
+    # The connection to Redis
+
+    async def follow(self) -> None:
+        """Read the channels; reconnect with backoff whenever Redis goes."""
+        delay = RECONNECT_MIN_S
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                for room in self.channels.values():
+                    room.synced.clear()
+                await pubsub.subscribe(self.control, *self.channels)
+                self.pubsub = pubsub
+                delay = RECONNECT_MIN_S
+                await self.read(pubsub)
+            except Exception as exc:
+                if not isinstance(exc, self.errors):
+                    log.exception("broker: reading the channels failed")
+                self.lost(exc)
+            finally:
+                self.pubsub = None
+                self.set_up(False)
+                try:
+                    await pubsub.aclose()
+                    # Pooled connections to a Redis that went away would each
+                    # fail once more: drop them all, they reconnect on use.
+                    await self.client.connection_pool.disconnect()
+                except self.errors:
+                    pass
+            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def read(self, pubsub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            channel = message["channel"]
+            if message["type"] == "message":
+                room = self.channels.get(channel)
+                if room is not None:
+                    head, _, frame = message["data"].partition(b" ")
+                    if head != b"-" and not head.isdigit():
+                        log.warning("broker: ignoring a foreign message on %r", channel)
+                        continue
+                    room.published(head, frame)
+                    self.publish(room)
+            elif message["type"] == "subscribe":
+                if channel == self.control:
+                    self.set_up(True)
+                    self.spawn(self.recover())
+                elif channel in self.channels:
+                    self.spawn(self.sync(self.channels[channel]))
+
+    def lost(self, exc: BaseException) -> None:
+        if self.up.is_set():
+            log.warning("message broker %s lost: %s; reconnecting", safe_url(self.url), exc)
+        self.set_up(False)
+
+    def set_up(self, up: bool) -> None:
+        if up and not self.up.is_set():
+            log.info("message broker %s connected", safe_url(self.url))
+        self.up.set() if up else self.up.clear()
+        self.chat.broker_up = up
+
+    async def call(self, command, *args):
+        """Run one Redis command; BrokerUnavailable if it fails, and then
+        reconnect (the subscriber connection goes too, so that recovery takes
+        one path)."""
+        if not self.up.is_set():
+            raise BrokerUnavailable(BROKER_DOWN)
+        try:
+            return await command(*args)
+        except self.errors as exc:
+            self.lost(exc)
+            if self.pubsub is not None and self.pubsub.connection is not None:
+                self.spawn(self.pubsub.connection.disconnect())
+            raise BrokerUnavailable(BROKER_DOWN) from exc
+
+    async def recover(self) -> None:
+        """After (re)connecting: our heartbeat, and our names as they are here."""
+        try:
+            await self.heartbeat(reconcile=False)
+            rooms = {name.decode() for name in
+                     await self.call(self.client.smembers, self.proc_rooms_key)}
+            for name in rooms | set(self.chat.rooms):
+                await self.reconcile(name)
+        except BrokerUnavailable:
+            pass
+
+    async def reconcile(self, room_name: str) -> None:
+        room = self.chat.rooms.get(room_name)
+        args = [self.channel(room_name), room_name, self.proc, self.room_ttl_ms,
+                room.epoch if room else "", room.seq if room else 0]
+        for member in (room.members.values() if room else ()):
+            args += [fold(member.name), self.member_value(member.name)]
+        taken = await self.call(
+            self.reconcile_script,
+            self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
+            + [self.proc_rooms_key], args)
+        for folded in taken:
+            log.warning("room %s: %s was taken while the broker was away", room_name,
+                        folded.decode())
+
+    async def beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self.heartbeat()
+                await self.call(self.sweep_script, ["chat:procs"],
+                                [self.db, self.room_ttl_ms, ""])
+            except BrokerUnavailable:
+                pass
+            except Exception:
+                log.exception("broker: heartbeat failed")
+
+    async def heartbeat(self, reconcile: bool = True) -> None:
+        """Say we are alive.  If our key had expired (this process stalled,
+        or Redis lost it), others may have removed our names: put them back."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
+        pipe.sadd("chat:procs", self.proc)
+        previous, _ = await self.call(pipe.execute)
+        self.beats += 1
+        if previous is None and self.beats > 1 and reconcile:
+            log.warning("broker: our heartbeat key was gone; registering our names again")
+            for name in list(self.chat.rooms):
+                await self.reconcile(name)
+
+    # Helpers
+
+    def spawn(self, coroutine) -> None:
+        """Run `coroutine` on its own; log it if it fails unexpectedly."""
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and \
+                not isinstance(task.exception(), BrokerUnavailable):
+            log.error("broker task failed", exc_info=task.exception())
+
+    def channel(self, room_name: str) -> str:
+        return f"chat:{self.db}:{room_name}"
+
+    @staticmethod
+    def room_keys(room_name: str, *parts: str) -> list[str]:
+        return [f"chat:{room_name}:{part}" for part in parts]
+
+    def member_value(self, name: str) -> bytes:
+        return frame_prefix({"name": name, "proc": self.proc, "n": 0}, "n")
+
+
+async def connect_redis(url: str):
+    """A redis.asyncio client for `url` that has answered a PING; raise
+    BrokerUnavailable with a one-line reason if there is none."""
+    import redis.asyncio
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    client = None
+    try:
+        # At most REDIS_CONNECTIONS: a burst of lines waits for one rather
+        # than opening a connection per sender.
+        client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0)))  # the broker retries itself, with backoff
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+        if client is not None:
+            await client.aclose()
+        raise BrokerUnavailable(f"cannot reach the message broker at {safe_url(url)}: "
+                                f"{exc}") from None
+    return client
+
+
+def safe_url(url: str | None) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
 # Connections --------------------------------------------------------------
@@ -629,6 +1506,12 @@ class Client(asyncio.Protocol):
         self.fragmented_text = True
         self.timer: asyncio.TimerHandle | None = None  # handshake or close deadline
         self.ping_sent_at: float | None = None  # None: no ping unanswered
+        self.entered = False  # past the handshake, in the chat
+        # With a shared broker: lines waiting for Redis, and the task that
+        # takes them in order (see ChatServer.serve_shared).
+        self.inbox: collections.deque[str] | None = None
+        self.inbox_ready: asyncio.Event | None = None
+        self.task: asyncio.Task | None = None
 
     # asyncio.Protocol
 
@@ -690,7 +1573,7 @@ class Client(asyncio.Protocol):
         # PING, PONG and CLOSE are answered by the protocol itself.
 
     def on_message(self, is_text: bool, data: bytes) -> None:
-        if self.member is None or self.protocol.state is not State.OPEN:
+        if not self.entered or self.protocol.state is not State.OPEN:
             return
         if not is_text:
             self.server.on_binary(self)
@@ -748,9 +1631,13 @@ class ChatServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.chat = Chat(config)
         self.metrics = Metrics()
-        self.broker = LocalBroker(self.metrics)
+        if config.broker:
+            self.chat: Chat = SharedChat(config)
+            self.broker: LocalBroker = RedisBroker(self.chat, config, self.metrics)
+        else:
+            self.chat = Chat(config)
+            self.broker = LocalBroker(self.chat, config, self.metrics)
         self.clients: set[Client] = set()  # in the chat, past the handshake
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.tasks: list[asyncio.Task] = []
@@ -758,29 +1645,60 @@ class ChatServer:
     # Entering and leaving
 
     def enter(self, client: Client, ticket: Ticket) -> None:
-        member, out = self.chat.join(ticket.room, ticket.name, ticket.since, ticket.epoch,
-                                     ticket.address)
-        member.connection = client
-        client.member = member
+        client.entered = True
         client.address = ticket.address
         self.clients.add(client)
         self.per_ip[ticket.address] += 1
+        if self.broker.shared:
+            client.inbox = collections.deque()
+            client.inbox_ready = asyncio.Event()
+            client.task = asyncio.create_task(self.serve_shared(client, ticket))
+        else:
+            self.admit(client, *self.chat.join(ticket.room, ticket.name, ticket.since,
+                                               ticket.epoch, ticket.address))
+
+    def admit(self, client: Client, member: Member, out: Outgoing) -> None:
+        member.connection = client
+        client.member = member
         self.metrics.connections_total += 1
         log.info("connect room=%s name=%s address=%s", member.room.name, member.name,
-                 ticket.address)
+                 client.address)
         self.send(client, out)
         self.broker.publish(member.room)
 
+    async def serve_shared(self, client: Client, ticket: Ticket) -> None:
+        """With a shared broker, joining and each line wait for Redis; one
+        task per client keeps its lines in order."""
+        try:
+            member, out = await self.broker.join(ticket)
+        except BrokerUnavailable as exc:
+            client.close(CLOSE_TRY_AGAIN, str(exc)[:100])
+            return
+        if client not in self.clients:  # it left while Redis let it in
+            self.broker.leave(member)
+            return
+        self.admit(client, member, out)
+        while client in self.clients:
+            if not client.inbox:
+                client.inbox_ready.clear()
+                await client.inbox_ready.wait()
+                continue
+            line = client.inbox.popleft()
+            self.after_line(client, await self.broker.receive(member, line))
+
     def forget(self, client: Client) -> None:
-        member = client.member
-        if member is None or client not in self.clients:
+        if client not in self.clients:
             return
         self.clients.discard(client)
         self.per_ip[client.address] -= 1
         if not self.per_ip[client.address]:
             del self.per_ip[client.address]
-        self.chat.leave(member)
-        self.broker.publish(member.room)
+        if client.inbox_ready is not None:
+            client.inbox_ready.set()  # its task sees the client gone
+        member = client.member
+        if member is None:
+            return
+        self.broker.leave(member)
         log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
                  member.name, client.address, client.protocol.close_code)
 
@@ -788,8 +1706,19 @@ class ChatServer:
 
     def on_line(self, client: Client, line: str) -> None:
         self.metrics.messages_received += 1
+        if client.inbox is None:
+            self.after_line(client, self.chat.receive(client.member, line))
+        elif len(client.inbox) < self.config.burst:
+            client.inbox.append(line)
+            client.inbox_ready.set()
+        elif client.member is not None:  # lines pile up faster than Redis takes them
+            room = client.member.room
+            self.send(client, [(client.member, encode(error(
+                room.name, "slow down: too many lines waiting; this one was not sent")))])
+
+    def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
-        self.send(client, self.chat.receive(member, line))
+        self.send(client, out)
         if member.room.pending:
             self.broker.publish(member.room)
         if member.close_with is not None:
@@ -800,6 +1729,8 @@ class ChatServer:
 
     def on_binary(self, client: Client) -> None:
         self.metrics.messages_received += 1
+        if client.member is None:
+            return
         room = client.member.room
         self.send(client, [(client.member, encode(error(
             room.name, "binary frames are not supported; send text")))])
@@ -915,8 +1846,7 @@ class ChatServer:
             for client in list(self.clients):
                 if client.ping_sent_at is not None and now - client.ping_sent_at > config.ping_timeout:
                     self.metrics.dropped["no pong"] += 1
-                    log.warning("no pong from %s in %s from %s", client.member.name,
-                                client.member.room.name, client.address)
+                    log.warning("no pong from %s", client.address)
                     client.protocol.fail(1011, "keepalive ping timeout")
                     client.send_protocol_data()
                     client.transport.abort()
@@ -935,7 +1865,7 @@ class ChatServer:
     # Shutdown
 
     def say_goodbye(self) -> None:
-        for room in {client.member.room for client in self.clients}:
+        for room in {client.member.room for client in self.clients if client.member}:
             room.announce(shutdown(room.name))
             self.broker.flush(room)
         for client in list(self.clients):
@@ -1024,7 +1954,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--keyfile", help="TLS private key (PEM) for --certfile")
     add("--log-level", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log")
+    add("--broker", metavar="redis://HOST:PORT/DB",
+        help="share rooms with every chatserver process that uses this Redis server "
+             "(pip install chatserver[redis]); default: rooms live in this process only")
+    add("--workers", type=int, default=1,
+        help="processes serving the same port (SO_REUSEPORT), one per core; needs --broker")
     args = parser.parse_args(argv)
+    check_scale_out_args(parser, args)
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
     for flag in ("history", "crowd", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
@@ -1034,6 +1970,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     options = vars(args)
     options["allow_origin"] = tuple(options["allow_origin"])
     return Config(**options)
+
+
+def check_scale_out_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and not args.broker:
+        parser.error("--workers needs --broker redis://HOST:PORT/DB: worker processes "
+                     "share their rooms only through Redis")
+    if args.broker and urllib.parse.urlsplit(args.broker).scheme not in (
+            "redis", "rediss", "unix"):
+        parser.error("--broker must be a redis://HOST:PORT/DB URL "
+                     "(or rediss:// for TLS, unix:// for a socket)")
 
 
 def raise_open_files_limit() -> None:
@@ -1046,13 +1994,15 @@ def raise_open_files_limit() -> None:
 async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
     """Start serving `config` and return the chat and the listening server."""
     chat_server = ChatServer(config)
+    await chat_server.broker.start()
     ssl_context = None
     if config.certfile:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ssl_context.load_cert_chain(config.certfile, config.keyfile)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Client(chat_server), config.host, config.port,
-                                      ssl=ssl_context, backlog=1024)
+                                      ssl=ssl_context, backlog=1024,
+                                      reuse_port=config.workers > 1 or None)
     chat_server.tasks = [asyncio.create_task(chat_server.sweep_rooms()),
                          asyncio.create_task(chat_server.keep_alive())]
     return chat_server, server
@@ -1074,6 +2024,7 @@ async def shut_down(chat_server: ChatServer, server: asyncio.Server) -> None:
         for client in list(chat_server.clients):
             client.transport.abort()
         await asyncio.sleep(0)
+    await chat_server.broker.close()
 
 
 async def run(config: Config, ready: Callable[[str], None] = print) -> None:
@@ -1092,6 +2043,106 @@ async def run(config: Config, ready: Callable[[str], None] = print) -> None:
     await stop
     await shut_down(chat_server, server)
 
+
+# --workers: N processes on one port ----------------------------------------
+
+WORKER_START_TIMEOUT_S = 30.0
+WORKER_RESTART_S = 1.0  # pause before restarting a worker that died
+
+
+def run_workers(config: Config) -> int | str:
+    """Start --workers processes serving one port (SO_REUSEPORT: the kernel
+    spreads connections over them), restart any that dies, and stop them all
+    on SIGTERM/SIGINT.  Returns the exit status (a message on failure)."""
+    import multiprocessing
+    import multiprocessing.connection
+    import socket
+
+    try:
+        asyncio.run(check_broker(config.broker))
+    except BrokerUnavailable as exc:
+        return f"chatserver: {exc}"
+    # Hold the port (bound, never listening, so it gets no connections) so
+    # that --port 0 means one port for all, and a restarted worker finds it.
+    reserved = socket.socket()
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reserved.bind((config.host or "", config.port))
+    except OSError as exc:
+        return f"chatserver: cannot listen on port {config.port}: {exc}"
+    config = dataclasses.replace(config, port=reserved.getsockname()[1])
+    context = multiprocessing.get_context("fork")
+    ready, ready_writer = context.Pipe(duplex=False)
+    stopping = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.append(True))
+
+    def start_worker() -> multiprocessing.Process:
+        worker = context.Process(target=serve_as_worker, args=(config, ready_writer))
+        worker.start()
+        return worker
+
+    workers = [start_worker() for _ in range(config.workers)]
+    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
+    started = 0
+    while started < len(workers):
+        failed = [worker for worker in workers if not worker.is_alive()]
+        if failed or stopping or time.monotonic() > deadline:
+            stop_workers(workers, config.shutdown_timeout)
+            if stopping:
+                return 0
+            return (f"chatserver: a worker did not start (exit code "
+                    f"{failed[0].exitcode if failed else 'none: timeout'})")
+        if ready.poll(0.1):
+            ready.recv()
+            started += 1
+    scheme = "wss" if config.certfile else "ws"
+    host = config.host or "localhost"
+    print(f"chatserver listening on {scheme}://{host}:{config.port}/ with {len(workers)} "
+          f"worker processes sharing {safe_url(config.broker)}", flush=True)
+    while not stopping:
+        multiprocessing.connection.wait([worker.sentinel for worker in workers], 0.5)
+        for n, worker in enumerate(workers):
+            if not worker.is_alive() and not stopping:
+                log.warning("worker %d exited with %s; restarting it", worker.pid,
+                            worker.exitcode)
+                time.sleep(WORKER_RESTART_S)
+                workers[n] = start_worker()
+    stop_workers(workers, config.shutdown_timeout)
+    return 0
+
+
+def serve_as_worker(config: Config, ready_writer) -> None:
+    """One worker process: serve, and tell the parent once listening."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)  # until run() installs its own
+
+    def ready(line: str) -> None:
+        if line.startswith("chatserver listening"):
+            ready_writer.send(os.getpid())
+
+    try:
+        asyncio.run(run(config, ready=ready))
+    except BrokerUnavailable as exc:
+        sys.exit(f"chatserver: {exc}")
+
+
+def stop_workers(workers: list, timeout: float) -> None:
+    for worker in workers:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(timeout + 5)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+async def check_broker(url: str) -> None:
+    client = await connect_redis(url)
+    await client.aclose()
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level,
@@ -1099,8 +2150,12 @@ def main(argv: list[str] | None = None) -> None:
     # websockets logs every open connection at INFO; keep that for DEBUG.
     protocol_log.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
     raise_open_files_limit()
+    if config.workers > 1:
+        sys.exit(run_workers(config))
     try:
         asyncio.run(run(config, ready=lambda line: print(line, flush=True)))
+    except BrokerUnavailable as exc:
+        sys.exit(f"chatserver: {exc}")
     except OSError as exc:
         sys.exit(f"chatserver: cannot listen on port {config.port}: {exc}")
 

@@ -1,0 +1,436 @@
+"""Scale-out over Redis: several chatserver processes sharing a real
+redis-server (started here on a free loopback port, persistence off) behave
+as one chat server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from chatserver import (BROKER_DOWN, Config, Post, Rename, SharedChat, Who, frame_prefix,
+                        history_window, name_candidates)
+from conftest import ROOT, in_ci, join
+
+FAST = ("--rate", "1000", "--burst", "1000")
+
+
+# A real redis-server ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1, persistence off; can be stopped and started
+    again on the same port (it comes back empty, as after a crash)."""
+
+    def __init__(self, path: str, port: int) -> None:
+        self.path = path
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [self.path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.ping():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.popen and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(10)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def client(self):
+        import redis
+        return redis.Redis(port=self.port, host="127.0.0.1")
+
+
+@pytest.fixture
+def redis_server():
+    path = shutil.which("redis-server")
+    if path is None:
+        message = "redis-server is not installed (apt-get install redis-server; see .ci/setup)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    server = RedisServer(path, free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster(redis_server, run_process):
+    """Start chatserver processes sharing `redis_server`."""
+    def start(count: int = 1, *args: str):
+        processes = [run_process("--broker", redis_server.url, *FAST, *args)
+                     for _ in range(count)]
+        started.extend(processes)
+        return processes[0] if count == 1 else processes
+
+    started = []
+    yield start
+    for process in started:  # whatever happened, nothing crashed
+        process.kill()
+        assert "Traceback" not in process.stderr(), process.stderr()
+
+
+def user_frames(frames: list[dict]) -> list[tuple[int, str, str]]:
+    return [(f["seq"], f["id"], f["message"]) for f in frames if f["type"] == "user"]
+
+
+async def chat_lines(client, count: int) -> list[tuple[int, str, str]]:
+    """The next `count` chat messages a client receives, skipping notices."""
+    lines = []
+    while len(lines) < count:
+        frame = await client.recv()
+        if frame["type"] == "user":
+            lines.append((frame["seq"], frame["id"], frame["message"]))
+    return lines
+
+
+# The broker's pure parts, without Redis -----------------------------------
+
+
+def test_history_window_is_history_since_for_a_redis_list():
+    frames = [b"4", b"5", b"6", b"7", b"8"]  # seqs 4..8 kept of 8
+    assert history_window(8, frames, 8, None) == (0, frames)
+    assert history_window(8, frames, 8, 6) == (0, [b"7", b"8"])
+    assert history_window(8, frames, 8, 1) == (2, frames)  # 2 and 3 are gone
+    assert history_window(8, frames, 6, None) == (0, [b"4", b"5", b"6"])  # 7, 8 in flight
+    assert history_window(0, [], 0, None) == (0, [])
+    assert history_window(8, frames, 8, 8) == (0, [])
+
+
+def test_frame_prefix_leaves_the_last_field_for_redis_to_fill():
+    frame = {"type": "user", "id": "bob", "seq": 0, "action": True}
+    prefix = frame_prefix(frame, "seq")
+    assert json.loads(prefix + b"12}") == {**frame, "seq": 12}
+
+
+def test_name_candidates_are_those_a_single_process_tries():
+    assert name_candidates("alice", 1, 3) == ["alice", "alice-2", "alice-3"]
+    long = "x" * 32
+    assert name_candidates(long, 9, 2) == ["x" * 30 + "-9", "x" * 29 + "-10"]
+
+
+def test_shared_chat_leaves_posts_renames_and_who_to_the_broker():
+    chat = SharedChat(Config(rate=1000, burst=1000))
+    room = chat.shared_room("lobby")
+    alice = chat.newcomer(room, "alice", "")
+    assert chat.receive(alice, "hi") == []
+    assert chat.receive(alice, "/me waves") == []
+    assert chat.receive(alice, "/who") == []
+    assert chat.receive(alice, "/nick bob") == []
+    [bad] = chat.receive(alice, "/nick has space")
+    assert json.loads(bad[1])["event"] == "error"
+    assert room.requests == [Post("alice", "hi"), Post("alice", "waves", True), Who(alice),
+                             Rename(alice, "bob")]
+    assert room.seq == 0 and not room.pending  # nothing numbered nor sent locally
+
+
+def test_shared_room_skips_what_it_had_before_the_sync_point():
+    room = SharedChat().shared_room("lobby")
+    room.published(b"3", b"three")  # before the sync: waits
+    room.published(b"4", b"four")
+    room.resync("e1", 3, [b"one", b"two", b"three"])
+    assert room.epoch == "e1" and room.pending == [b"four"]
+    room.published(b"4", b"four")  # a duplicate
+    room.published(b"-", b"notice")
+    assert room.pending == [b"four", b"notice"] and room.take_pending()
+    assert room.delivered_seq == 4
+    # Reconnected: what was missed meanwhile comes from the history.
+    room.synced.clear()
+    room.resync("e1", 6, [b"four", b"five", b"six"])
+    assert room.pending == [b"five", b"six"] and room.seq == 6
+
+
+def test_no_redis_import_without_broker():
+    code = ("import sys, chatserver; chatserver.parse_args([]); "
+            "assert not any(m.split('.')[0] == 'redis' for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
+
+
+# Command line ---------------------------------------------------------------
+
+
+def test_help_documents_broker_and_workers():
+    result = subprocess.run([sys.executable, "chatserver.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert "--broker redis://HOST:PORT/DB" in result.stdout and "--workers" in result.stdout
+
+
+def test_workers_without_broker_is_a_clear_error():
+    result = subprocess.run([sys.executable, "chatserver.py", "--workers", "2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--workers needs --broker redis://HOST:PORT/DB" in result.stderr
+
+
+def test_broker_must_be_a_redis_url():
+    result = subprocess.run([sys.executable, "chatserver.py", "--broker", "localhost:6379"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--broker must be a redis://" in result.stderr
+
+
+def test_unreachable_redis_at_start_is_a_clear_exit():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    for extra in ([], ["--workers", "2"]):
+        result = subprocess.run(
+            [sys.executable, "chatserver.py", "--port", "0", "--broker", url, *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"chatserver: cannot reach the message broker at {url}")
+
+
+# Several processes, one chat ------------------------------------------------
+
+
+async def test_three_processes_deliver_every_message_once_in_one_order(cluster):
+    processes = cluster(3)
+    clients = [await join(process.url, "room", name=f"u{n}{m}")
+               for n, process in enumerate(processes) for m in range(2)]
+    per_client = 10
+
+    async def talk(client):
+        for n in range(per_client):
+            await client.send(f"{client.name} {n}")
+
+    await asyncio.gather(*(talk(client) for client in clients))
+    total = per_client * len(clients)
+    seen = await asyncio.gather(*(chat_lines(client, total) for client in clients))
+    assert all(lines == seen[0] for lines in seen)  # one order for all
+    assert [seq for seq, _, _ in seen[0]] == list(range(1, total + 1))  # one seq sequence
+    for client in clients:  # each sender's lines in the order it sent them
+        own = [text for _, name, text in seen[0] if name == client.name]
+        assert own == [f"{client.name} {n}" for n in range(per_client)]
+
+
+async def test_presence_online_and_who_show_the_whole_room(cluster):
+    a, b = cluster(2)
+    alice = await join(a.url, "soc", name="alice")
+    bob = await join(b.url, "soc", name="bob")
+    assert bob.welcome["online"] == ["alice", "bob"]
+    notice = await alice.expect(event="join", name="bob")
+    assert notice["count"] == 2 and notice["message"] == "bob has joined"
+    carol = await join(a.url, "soc", name="carol")
+    assert carol.welcome["online"] == ["alice", "bob", "carol"]
+    await bob.send("/who")
+    who = await bob.expect(event="who")
+    assert who["online"] == ["alice", "bob", "carol"] and who["count"] == 3
+    await bob.close()
+    for client in (alice, carol):
+        notice = await client.expect(event="leave")
+        assert notice["name"] == "bob" and notice["count"] == 2
+    other = await join(b.url, "other", name="dave")  # rooms stay apart
+    assert other.welcome["online"] == ["dave"]
+
+
+async def test_nicknames_are_unique_across_processes(cluster):
+    a, b = cluster(2)
+    alice = await join(a.url, name="alice")
+    second = await join(b.url, name="Alice")
+    assert second.name == "Alice-2"  # as in one process: regardless of case
+    await second.send("/nick ALICE")
+    assert "already taken" in (await second.expect(event="error"))["message"]
+    await alice.send("/nick bob")
+    for client in (alice, second):
+        notice = await client.expect(event="nick")
+        assert notice["old"] == "alice" and notice["name"] == "bob"
+    await second.send("/nick alice")  # free again
+    notice = await alice.expect(event="nick")
+    assert notice["old"] == "Alice-2" and notice["name"] == "alice"
+    await alice.send("/me waves")
+    frame = await second.expect(type="user")
+    assert frame["id"] == "bob" and frame["action"] is True and frame["seq"] == 1
+
+
+async def test_history_resume_and_gap_across_processes(cluster):
+    a, b, c = cluster(3, "--history", "5")
+    alice = await join(a.url, "r", name="alice")
+    for n in range(1, 9):
+        await alice.send(f"m{n}")
+    await chat_lines(alice, 8)
+    epoch = alice.welcome["epoch"]
+
+    bob = await join(b.url, "r", name="bob")  # a newcomer: the kept history
+    assert bob.welcome["seq"] == 8 and bob.welcome["epoch"] == epoch
+    assert [seq for seq, _, _ in user_frames(bob.backlog)] == [4, 5, 6, 7, 8]
+
+    carol = await join(c.url, "r", name="carol", since=6, epoch=epoch)
+    assert [f["seq"] for f in carol.backlog] == [7, 8]  # exactly what it missed
+
+    dave = await join(b.url, "r", name="dave", since=1, epoch=epoch)
+    assert dave.backlog[0]["event"] == "gap" and dave.backlog[0]["missed"] == 2
+    assert [f["seq"] for f in dave.backlog[1:]] == [4, 5, 6, 7, 8]
+
+    eve = await join(c.url, "r", name="eve", since=6, epoch="another")
+    assert [f["seq"] for f in eve.backlog] == [4, 5, 6, 7, 8]
+
+    await carol.send("live")
+    for client in (alice, bob, carol, dave, eve):
+        assert await chat_lines(client, 1) == [(9, "carol", "live")]
+
+
+async def test_history_survives_the_restart_of_every_process(cluster, run_process,
+                                                             redis_server):
+    a, b = cluster(2)
+    alice = await join(a.url, "r", name="alice")
+    for n in range(1, 4):
+        await alice.send(f"m{n}")
+    await chat_lines(alice, 3)
+    epoch = alice.welcome["epoch"]
+    for process in (a, b):
+        assert await asyncio.to_thread(process.terminate) == 0
+    c = run_process("--broker", redis_server.url, *FAST)
+    bob = await join(c.url, "r", name="alice", since=1, epoch=epoch)
+    assert bob.name == "alice"  # the old alice left cleanly
+    assert bob.welcome["epoch"] == epoch and bob.welcome["seq"] == 3
+    assert [(f["seq"], f["message"]) for f in bob.backlog] == [(2, "m2"), (3, "m3")]
+
+
+async def test_killed_process_users_leave_and_their_names_free_up(cluster):
+    a, b = cluster(2)
+    alice = await join(a.url, "r", name="alice")
+    await join(a.url, "r", name="ann")
+    bob = await join(b.url, "r", name="bob")
+    await alice.expect(event="join", name="bob")
+    a.popen.send_signal(signal.SIGKILL)
+    a.popen.wait()
+    gone = {}
+    async with asyncio.timeout(15):  # heartbeat TTL 6 s + a sweep every 2 s
+        while len(gone) < 2:
+            frame = await bob.recv(timeout=15)
+            if frame.get("event") == "leave":
+                gone[frame["name"]] = frame["count"]
+    assert sorted(gone) == ["alice", "ann"] and sorted(gone.values()) == [1, 2]
+    again = await join(b.url, "r", name="alice")
+    assert again.name == "alice"
+    assert again.welcome["online"] == ["bob", "alice"]
+
+
+async def test_redis_stopped_and_restarted_mid_chat(cluster, redis_server):
+    a, b = cluster(2)
+    alice = await join(a.url, "r", name="alice")
+    bob = await join(b.url, "r", name="bob")
+    await alice.send("before")
+    assert await chat_lines(bob, 1) == [(1, "alice", "before")]
+    epoch = alice.welcome["epoch"]
+
+    redis_server.stop()
+    await asyncio.sleep(0.2)
+    await alice.send("while down")
+    error = await alice.expect(event="error")
+    assert error["message"] == BROKER_DOWN
+    assert alice.ws.state.name == "OPEN" and bob.ws.state.name == "OPEN"
+    with pytest.raises(InvalidStatus) as refused:  # newcomers: try again later
+        await join(b.url, "r", name="carol")
+    assert refused.value.response.status_code == 503
+
+    redis_server.start()  # empty: as after a crash without persistence
+    async with asyncio.timeout(20):
+        while True:
+            await alice.send("after")
+            frame = await alice.recv()
+            if frame["type"] == "user":
+                break
+            assert frame["event"] == "error"
+            await asyncio.sleep(0.5)
+    assert frame["message"] == "after" and frame["seq"] == 2  # numbering goes on
+    assert await chat_lines(bob, 1) == [(2, "alice", "after")]
+    await bob.send("/who")  # names were registered again (in the order processes came back)
+    assert sorted((await bob.expect(event="who"))["online"]) == ["alice", "bob"]
+    carol = await join(b.url, "r", name="carol")
+    assert carol.welcome["epoch"] == epoch
+    assert user_frames(carol.backlog) == [(2, "alice", "after")]
+
+
+async def test_empty_room_is_forgotten_after_room_ttl(cluster, redis_server):
+    a = cluster(1, "--room-ttl", "1")
+    alice = await join(a.url, "r", name="alice")
+    await alice.send("hi")
+    await chat_lines(alice, 1)
+    epoch = alice.welcome["epoch"]
+    await alice.close()
+    redis = redis_server.client()
+    async with asyncio.timeout(5):
+        while redis.pttl("chat:r:seq") < 0:
+            await asyncio.sleep(0.05)  # the leave is carried out after the close
+    bob = await join(a.url, "r", name="bob")  # within the TTL: kept...
+    assert bob.welcome["epoch"] == epoch and redis.pttl("chat:r:seq") == -1
+    await bob.close()
+    await asyncio.sleep(1.5)
+    carol = await join(a.url, "r", name="carol")  # ...after it: a new room
+    assert carol.welcome["epoch"] != epoch and carol.welcome["seq"] == 0
+
+
+# --workers ------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return [int(child) for child in file.read().split()]
+
+
+async def test_workers_serve_one_port_as_one_chat(run_process, redis_server):
+    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
+    assert len(children(parent.popen.pid)) == 2
+    redis = redis_server.client()
+    clients = []
+    procs: set[str] = set()
+    while len(procs) < 2:  # the kernel spreads connections over both workers
+        assert len(clients) < 40, "every connection went to one worker"
+        clients.append(await join(parent.url, "r", name=f"u{len(clients)}"))
+        procs = {json.loads(v)["proc"] for v in redis.hvals("chat:r:names")}
+    await clients[0].send("hello all")
+    for client in clients:
+        assert (await client.expect(type="user"))["seq"] == 1
+    parent.popen.send_signal(signal.SIGTERM)
+    for client in clients:
+        await client.expect(event="shutdown")
+    assert await asyncio.to_thread(parent.popen.wait, 20) == 0
+
+
+async def test_a_worker_that_dies_is_restarted(run_process, redis_server):
+    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
+    first, second = children(parent.popen.pid)
+    os.kill(first, signal.SIGKILL)
+    async with asyncio.timeout(15):
+        while True:
+            now = children(parent.popen.pid)
+            if len(now) == 2 and first not in now:
+                break
+            await asyncio.sleep(0.1)
+    assert second in now
+    clients = [await join(parent.url, "r", name=f"u{n}") for n in range(4)]
+    await clients[0].send("still one chat")
+    for client in clients:
+        assert (await client.expect(type="user"))["message"] == "still one chat"
