@@ -1,0 +1,370 @@
+/* loadgen: the WebSocket load generator of the fan-out benchmark.
+ *
+ * One thread, epoll, raw sockets: it opens many client connections to one
+ * chat room, makes a few of them send small messages at an open-loop rate,
+ * and counts what every client receives without parsing JSON.  A sample of
+ * the clients reads the send timestamp out of each message for latency.
+ *
+ *   loadgen fanout HOST PORT PATH CLIENTS SENDERS MSG_BYTES STEP_S DEFLATE SERVER_PID RATE...
+ *   loadgen idle   HOST PORT PATH CLIENTS DEFLATE     (holds until stdin closes)
+ *   loadgen storm  HOST PORT PATH CLIENTS DEFLATE
+ *
+ * Results are JSON lines on stdout.  Loopback only; every phase is bounded
+ * in time.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define SAMPLED 50            /* clients that read timestamps */
+#define MARK "@@"             /* timestamp marker in message text */
+#define MAX_LAT 4000000
+
+typedef struct {
+    int fd;
+    int open;                 /* handshake done */
+    int compressed;           /* server negotiated permessage-deflate */
+    int sampled;
+    unsigned char *buf;
+    size_t len, cap;
+    long messages;
+    z_stream z;
+    int z_ready;
+} Conn;
+
+static Conn *conns;
+static int nconns, epfd;
+static long total_messages;
+static double *lat_ms;
+static long nlat;
+static const char *host, *path;
+static int port;
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static double self_cpu_s(void) {
+    struct rusage r;
+    getrusage(RUSAGE_SELF, &r);
+    return r.ru_utime.tv_sec + r.ru_utime.tv_usec / 1e6 + r.ru_stime.tv_sec + r.ru_stime.tv_usec / 1e6;
+}
+
+static double proc_cpu_s(int pid) {
+    char name[64], text[2048];
+    snprintf(name, sizeof name, "/proc/%d/stat", pid);
+    FILE *f = fopen(name, "r");
+    if (!f) return 0;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = 0;
+    char *p = strrchr(text, ')');
+    unsigned long utime = 0, stime = 0;
+    /* fields after ')': state ppid ... utime is the 12th, stime the 13th */
+    sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &utime, &stime);
+    return (utime + stime) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(1);
+}
+
+static void send_all(int fd, const void *data, size_t len) {
+    const char *p = data;
+    double deadline = now_s() + 5;
+    while (len) {
+        ssize_t n = write(fd, p, len);
+        if (n > 0) { p += n; len -= n; continue; }
+        if (n < 0 && (errno == EAGAIN || errno == EINTR) && now_s() < deadline) continue;
+        die("write");
+    }
+}
+
+static void open_conn(int i, int deflate) {
+    Conn *c = &conns[i];
+    memset(c, 0, sizeof *c);
+    c->fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (c->fd < 0) die("socket");
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, host, &a.sin_addr);
+    if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char req[512];
+    int n = snprintf(req, sizeof req,
+        "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        "Origin: http://localhost:8000\r\n%s\r\n",
+        path, host, port,
+        deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
+    send_all(c->fd, req, n);
+    fcntl(c->fd, F_SETFL, O_NONBLOCK);
+    c->cap = 65536;
+    c->buf = malloc(c->cap);
+    c->sampled = i < SAMPLED;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
+}
+
+static void send_frame(Conn *c, int opcode, const unsigned char *data, size_t len) {
+    unsigned char frame[256];
+    unsigned char mask[4] = {0x12, 0x34, 0x56, 0x78};
+    size_t h = 2;
+    frame[0] = 0x80 | opcode;
+    frame[1] = 0x80 | len;   /* len < 126 */
+    memcpy(frame + h, mask, 4);
+    h += 4;
+    for (size_t k = 0; k < len; k++) frame[h + k] = data[k] ^ mask[k & 3];
+    send_all(c->fd, frame, h + len);
+}
+
+static void note_latency(const unsigned char *p, size_t n) {
+    const unsigned char *m = memmem(p, n, MARK, 2);
+    if (!m || m + 2 + 19 > p + n || nlat >= MAX_LAT) return;
+    long long sent = 0;
+    for (int k = 0; k < 19; k++) sent = sent * 10 + (m[2 + k] - '0');
+    lat_ms[nlat++] = (now_ns() - sent) / 1e6;
+}
+
+static void sample(Conn *c, const unsigned char *p, size_t n, int rsv1) {
+    if (!rsv1) { note_latency(p, n); return; }
+    static unsigned char out[262144];
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    if (!c->z_ready) {
+        if (inflateInit2(&c->z, -15) != Z_OK) die("inflateInit2");
+        c->z_ready = 1;
+    }
+    size_t got = 0;
+    for (int part = 0; part < 2; part++) {
+        c->z.next_in = (unsigned char *)(part ? tail : p);
+        c->z.avail_in = part ? 4 : n;
+        do {
+            c->z.next_out = out + got;
+            c->z.avail_out = sizeof out - got;
+            int r = inflate(&c->z, Z_SYNC_FLUSH);
+            if (r != Z_OK && r != Z_BUF_ERROR) { fprintf(stderr, "inflate failed\n"); return; }
+            got = sizeof out - c->z.avail_out;
+        } while (c->z.avail_in && got < sizeof out);
+    }
+    note_latency(out, got);
+}
+
+/* Parse whole frames out of the buffer; count messages, answer pings. */
+static void parse(Conn *c) {
+    size_t i = 0;
+    while (c->len - i >= 2) {
+        unsigned char *f = c->buf + i;
+        uint64_t n = f[1] & 127;
+        size_t h = 2;
+        if (n == 126) { if (c->len - i < 4) break; n = (f[2] << 8) | f[3]; h = 4; }
+        else if (n == 127) {
+            if (c->len - i < 10) break;
+            n = 0;
+            for (int k = 0; k < 8; k++) n = (n << 8) | f[2 + k];
+            h = 10;
+        }
+        if (c->len - i < h + n) break;
+        int opcode = f[0] & 15, fin = f[0] & 0x80, rsv1 = f[0] & 0x40;
+        if (opcode == 9) send_frame(c, 10, f + h, n < 125 ? n : 0);
+        else if (opcode <= 2 && fin) {
+            c->messages++;
+            total_messages++;
+            if (c->sampled) sample(c, f + h, n, rsv1);
+        }
+        i += h + n;
+    }
+    memmove(c->buf, c->buf + i, c->len - i);
+    c->len -= i;
+}
+
+static void on_readable(Conn *c) {
+    for (;;) {
+        if (c->cap - c->len < 16384) {
+            c->cap *= 2;
+            c->buf = realloc(c->buf, c->cap);
+        }
+        ssize_t n = read(c->fd, c->buf + c->len, c->cap - c->len);
+        if (n == 0) { fprintf(stderr, "server closed a connection\n"); exit(2); }
+        if (n < 0) {
+            if (errno == EAGAIN) return;
+            die("read");
+        }
+        c->len += n;
+        if (!c->open) {
+            unsigned char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+            if (!end) continue;
+            if (memcmp(c->buf, "HTTP/1.1 101", 12) != 0) {
+                fprintf(stderr, "handshake refused: %.60s\n", c->buf);
+                exit(2);
+            }
+            c->compressed = memmem(c->buf, end - c->buf, "permessage-deflate", 18) != NULL;
+            c->open = 1;
+            size_t used = end + 4 - c->buf;
+            memmove(c->buf, c->buf + used, c->len - used);
+            c->len -= used;
+        }
+        parse(c);
+    }
+}
+
+/* Run the event loop until `until`; if `quiet_s` > 0, stop early once no
+ * message has come for that long.  Returns the time it stopped. */
+static double pump(double until, double quiet_s) {
+    struct epoll_event events[512];
+    long seen = total_messages;
+    double last = now_s();
+    for (;;) {
+        double t = now_s();
+        if (t >= until) return t;
+        if (quiet_s > 0 && t - last >= quiet_s) return t;
+        int wait_ms = (int)((until - t) * 1000) + 1;
+        if (wait_ms > 50) wait_ms = 50;
+        int n = epoll_wait(epfd, events, 512, wait_ms);
+        for (int k = 0; k < n; k++) on_readable(&conns[events[k].data.u32]);
+        if (total_messages != seen) { seen = total_messages; last = now_s(); }
+    }
+}
+
+static int all_open(void) {
+    for (int i = 0; i < nconns; i++) if (!conns[i].open || conns[i].messages == 0) return 0;
+    return 1;
+}
+
+static void connect_all(int deflate, double timeout_s) {
+    for (int i = 0; i < nconns; i++) {
+        open_conn(i, deflate);
+        if (i % 64 == 63) pump(now_s() + 0.001, 0);
+    }
+    double deadline = now_s() + timeout_s;
+    while (!all_open()) {
+        if (now_s() > deadline) { fprintf(stderr, "clients were not all welcomed in time\n"); exit(2); }
+        pump(now_s() + 0.05, 0);
+    }
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(double q) {
+    if (!nlat) return -1;
+    return lat_ms[(long)(q * (nlat - 1))];
+}
+
+static void raise_fd_limit(void) {
+    struct rlimit r;
+    getrlimit(RLIMIT_NOFILE, &r);
+    r.rlim_cur = r.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &r);
+}
+
+static int fanout(int argc, char **argv) {
+    int senders = atoi(argv[6]), msg_bytes = atoi(argv[7]), deflate = atoi(argv[9]);
+    double step_s = atof(argv[8]);
+    int server_pid = atoi(argv[10]);
+    connect_all(deflate, 60);
+    pump(now_s() + 30, 1.0);  /* let join notices settle */
+    unsigned char text[128];
+    if (msg_bytes < 24 || msg_bytes > 120) msg_bytes = 64;
+    for (int r = 11; r < argc; r++) {
+        double rate = atof(argv[r]);
+        total_messages = 0;
+        nlat = 0;
+        double cpu0 = proc_cpu_s(server_pid), self0 = self_cpu_s();
+        double t0 = now_s(), end = t0 + step_s;
+        long sent = 0;
+        while (now_s() < end) {
+            double t = now_s();
+            while (t0 + sent / rate <= t && t0 + sent / rate < end) {
+                int n = snprintf((char *)text, sizeof text, MARK "%019lld ", now_ns());
+                memset(text + n, 'x', msg_bytes - n);
+                send_frame(&conns[sent % senders], 1, text, msg_bytes);
+                sent++;
+            }
+            double next = t0 + sent / rate;
+            pump(next < end ? next : end, 0);
+        }
+        double stopped = pump(now_s() + 5, 0.5);  /* drain */
+        double cpu1 = proc_cpu_s(server_pid), self1 = self_cpu_s();
+        long expected = sent * (long)nconns;
+        qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
+        double p99 = pct(0.99);
+        printf("{\"rate\": %.0f, \"sent\": %ld, \"expected\": %ld, \"received\": %ld, "
+               "\"lost\": %ld, \"deliveries_per_s\": %.0f, \"p50_ms\": %.2f, \"p99_ms\": %.2f, "
+               "\"max_ms\": %.2f, \"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, "
+               "\"step_s\": %.3f, \"wall_s\": %.3f, \"compressed\": %d}\n",
+               rate, sent, expected, total_messages, expected - total_messages,
+               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0,
+               step_s, stopped - t0, conns[0].compressed);
+        fflush(stdout);
+        if (expected != total_messages || p99 >= 100) break;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 7) {
+        fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
+        return 2;
+    }
+    raise_fd_limit();
+    const char *mode = argv[1];
+    host = argv[2];
+    port = atoi(argv[3]);
+    path = argv[4];
+    nconns = atoi(argv[5]);
+    conns = calloc(nconns, sizeof *conns);
+    lat_ms = malloc(sizeof *lat_ms * MAX_LAT);
+    epfd = epoll_create1(0);
+    if (!strcmp(mode, "fanout") && argc >= 12) return fanout(argc, argv);
+    int deflate = atoi(argv[6]);
+    if (!strcmp(mode, "idle")) {
+        connect_all(deflate, 120);
+        pump(now_s() + 30, 1.0);
+        printf("{\"connected\": %d}\n", nconns);
+        fflush(stdout);
+        char line[16];
+        fcntl(0, F_SETFL, O_NONBLOCK);
+        for (double end = now_s() + 120; now_s() < end;) {  /* until stdin closes */
+            ssize_t n = read(0, line, sizeof line);
+            if (n == 0) break;
+            pump(now_s() + 0.2, 0);
+        }
+        return 0;
+    }
+    if (!strcmp(mode, "storm")) {
+        double t0 = now_s(), self0 = self_cpu_s();
+        connect_all(deflate, 120);
+        double welcomed = now_s();
+        double quiet = pump(now_s() + 60, 1.5);
+        printf("{\"clients\": %d, \"welcomed_s\": %.3f, \"settled_s\": %.3f, \"messages\": %ld, "
+               "\"loadgen_cpu_s\": %.3f}\n", nconns, welcomed - t0, quiet - 1.5 - t0,
+               total_messages, self_cpu_s() - self0);
+        return 0;
+    }
+    fprintf(stderr, "unknown mode %s\n", mode);
+    return 2;
+}
