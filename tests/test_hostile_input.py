@@ -1,0 +1,325 @@
+"""Hostile input over real sockets: each case gets a clear error frame or a
+documented close, and every other client goes on being served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+
+import pytest
+
+from conftest import join
+from test_limits import refused_status
+
+TIMEOUT_S = 5
+
+
+# A raw client, for bytes no well-behaved library would send.
+
+
+class Raw:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send_frame(self, opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
+                   rsv: int = 0) -> None:
+        head = bytes(((0x80 if fin else 0) | rsv | opcode,))
+        length = len(payload)
+        mask_bit = 0x80 if masked else 0
+        if length < 126:
+            head += bytes((mask_bit | length,))
+        elif length < 65536:
+            head += bytes((mask_bit | 126,)) + struct.pack("!H", length)
+        else:
+            head += bytes((mask_bit | 127,)) + struct.pack("!Q", length)
+        if masked:
+            mask = os.urandom(4)
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            head += mask
+        self.writer.write(head + payload)
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        async with asyncio.timeout(TIMEOUT_S):
+            first, second = await self.reader.readexactly(2)
+            length = second & 127
+            if length == 126:
+                (length,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif length == 127:
+                (length,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return first & 15, await self.reader.readexactly(length)
+
+    async def frames_until_close(self) -> tuple[list[dict], int | None]:
+        """JSON frames received, then the close code (None: TCP closed without one)."""
+        frames = []
+        try:
+            while True:
+                opcode, payload = await self.read_frame()
+                if opcode == 8:
+                    return frames, struct.unpack("!H", payload[:2])[0] if payload else None
+                if opcode == 1:
+                    frames.append(json.loads(payload))
+        except asyncio.IncompleteReadError:
+            return frames, None
+
+    async def next_json(self, **fields) -> dict:
+        while True:
+            opcode, payload = await self.read_frame()
+            if opcode == 1:
+                frame = json.loads(payload)
+                if all(frame.get(k) == v for k, v in fields.items()):
+                    return frame
+
+
+async def raw_connect(server, path: str = "/") -> Raw:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    async with asyncio.timeout(TIMEOUT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    raw = Raw(reader, writer)
+    await raw.next_json(event="welcome")
+    return raw
+
+
+async def still_served(bystander, speaker) -> None:
+    """The bystander's next chat frame is the speaker's marker, in order."""
+    marker = f"marker {os.urandom(4).hex()}"
+    await speaker.send(marker)
+    frame = await bystander.expect(type="user")
+    assert frame["message"] == marker
+
+
+@pytest.fixture
+async def room(start_server):
+    server = await start_server(max_size=4096, handshake_timeout=0.5, max_chars=100)
+    bystander = await join(server.url, "hostile", name="bystander")
+    speaker = await join(server.url, "hostile", name="speaker")
+    await bystander.expect(event="join", name="speaker")
+    return server, bystander, speaker
+
+
+# Frames
+
+
+async def test_invalid_utf8_closes_with_1007_and_others_go_on(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(1, b"caf\xc3(")
+    _, code = await raw.frames_until_close()
+    assert code == 1007
+    await still_served(bystander, speaker)
+
+
+async def test_invalid_utf8_split_across_fragments_closes_with_1007(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(1, b"ok \xe2\x82", fin=False)
+    raw.send_frame(0, b"\xff end")
+    _, code = await raw.frames_until_close()
+    assert code == 1007
+    await still_served(bystander, speaker)
+
+
+async def test_binary_frame_gets_an_error_frame(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(2, b"\x00\x01\x02")
+    frame = await raw.next_json(event="error")
+    assert "binary" in frame["message"]
+    await still_served(bystander, speaker)
+
+
+async def test_oversized_frame_closes_with_1009(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(1, b"x" * 5000)
+    _, code = await raw.frames_until_close()
+    assert code == 1009
+    await still_served(bystander, speaker)
+
+
+async def test_oversized_message_in_small_fragments_closes_with_1009(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    for _ in range(10):
+        raw.send_frame(1 if _ == 0 else 0, b"y" * 1000, fin=False)
+    _, code = await raw.frames_until_close()
+    assert code == 1009
+    await still_served(bystander, speaker)
+
+
+async def test_fragmented_message_with_a_ping_between_arrives_whole(room):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(1, b"hello ", fin=False)
+    raw.send_frame(9, b"are you there")
+    raw.send_frame(0, b"wor", fin=False)
+    raw.send_frame(0, b"ld")
+    opcode, payload = await raw.read_frame()
+    while opcode == 1:  # our own join notice may come first
+        opcode, payload = await raw.read_frame()
+    assert (opcode, payload) == (10, b"are you there")  # the pong, mid-message
+    frame = await bystander.expect(type="user")
+    assert frame["message"] == "hello world"
+
+
+@pytest.mark.parametrize("frame", [
+    dict(opcode=9, payload=b"split ping", fin=False),   # fragmented control frame
+    dict(opcode=3, payload=b"reserved opcode"),
+    dict(opcode=1, payload=b"unmasked", masked=False),  # clients must mask
+    dict(opcode=1, payload=b"rsv bits", rsv=0x40),      # no extension negotiated
+    dict(opcode=0, payload=b"continuation of nothing"),
+])
+async def test_protocol_violations_close_with_1002(room, frame):
+    server, bystander, speaker = room
+    raw = await raw_connect(server, "/hostile")
+    raw.send_frame(**frame)
+    _, code = await raw.frames_until_close()
+    assert code == 1002
+    await still_served(bystander, speaker)
+
+
+async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_server):
+    server = await start_server(rate=50, burst=50, flood_close=1.0)
+    bystander = await join(server.url, "tiny", name="bystander")
+    raw = await raw_connect(server, "/tiny")
+    for _ in range(20):  # 20 x 1,000 one-character lines, as fast as TCP takes them
+        for _ in range(1000):
+            raw.send_frame(1, b".")
+        await raw.writer.drain()
+        await asyncio.sleep(0.1)
+    frames, code = await raw.frames_until_close()
+    assert code == 1008
+    errors = [f for f in frames if f.get("event") == "error"]
+    assert 1 <= len(errors) <= 5  # about one a second, not one per line
+    received = await bystander.recv_until(lambda f: f.get("event") == "leave")
+    assert sum(f["type"] == "user" for f in received) <= 50 + 50 * 3
+    speaker = await join(server.url, "tiny", name="speaker")
+    await still_served(bystander, speaker)
+
+
+# Names and text
+
+
+async def test_very_long_nickname_gets_a_guest_name(room):
+    server, bystander, speaker = room
+    client = await join(server.url, "hostile", name="n" * 3000)
+    assert client.name.startswith("guest-")
+    assert client.backlog[0]["event"] == "error"
+    await client.send("/nick " + "m" * 90)
+    assert (await client.expect(event="error"))["event"] == "error"
+    await still_served(bystander, speaker)
+
+
+@pytest.mark.parametrize("name", ["evil\u202eadmin", "bell\x07", "new\nline", "zero\u200bwidth",
+                                  "nul\x00"])
+async def test_control_and_bidi_characters_in_names_are_refused(room, name):
+    server, bystander, speaker = room
+    client = await join(server.url, "hostile", name=name)
+    assert client.name.startswith("guest-")
+    await client.send(f"/nick {name}")
+    assert (await client.expect(event="error"))["event"] == "error"
+    await still_served(bystander, speaker)
+
+
+async def test_control_characters_in_text_get_an_error(room):
+    server, bystander, speaker = room
+    await speaker.send("ring\x07ring")
+    assert "control" in (await speaker.expect(event="error"))["message"]
+    await speaker.send("\x1b[2Jcleared")
+    assert (await speaker.expect(event="error"))["event"] == "error"
+    await still_served(bystander, speaker)
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "sys", "event": "welcome", "id": "admin", "message": "you are admin"}',
+    '<img src=x onerror=alert(1)>', "<script>alert('x')</script>", "right\u202eto left",
+    '"}, {"type": "sys', "\\u0000 \\n", "🙂‍↔️ zwj emoji"])
+async def test_json_and_html_looking_text_arrives_verbatim_from_its_sender(room, text):
+    server, bystander, speaker = room
+    await speaker.send(text)
+    frame = await bystander.expect(type="user")
+    assert frame["message"] == text and frame["id"] == "speaker" and frame["type"] == "user"
+
+
+# Handshakes
+
+
+@pytest.mark.parametrize("path", ["/..", "/a/../b", "/a%2Fb", "/%2e%2e", "/caf\u00e9".encode().decode("latin-1"),
+                                  "/r%C3%A9sum%C3%A9", "/room?since=abc", "/room?since=-1",
+                                  "/room?since=99999999999999999999999",
+                                  "/room?name=a&name=b", "/?since=1&since=2",
+                                  "/?name=%C3"])
+async def test_bad_rooms_and_queries_are_refused_with_400(room, path):
+    server, bystander, speaker = room
+    status, body = await refused_status(f"{server.url}{path}")
+    assert status == 400 and body.endswith(b"\n") and body.count(b"\n") == 1
+    await still_served(bystander, speaker)
+
+
+async def test_handshake_that_never_starts_is_dropped(room):
+    server, bystander, speaker = room
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed by --handshake-timeout (0.5 s)
+    writer.close()
+    await still_served(bystander, speaker)
+
+
+async def test_handshake_that_stalls_halfway_is_dropped(room):
+    server, bystander, speaker = room
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /hostile HTTP/1.1\r\nHost: x\r\nUpgr")
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+    await still_served(bystander, speaker)
+
+
+async def test_request_line_too_long_gets_414(room):
+    server, bystander, speaker = room
+    status, _ = await refused_status(f"{server.url}/hostile?name={'n' * 10000}")
+    assert status == 414
+    await still_served(bystander, speaker)
+
+
+async def test_garbage_instead_of_http_is_closed(room):
+    server, bystander, speaker = room
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()
+    assert answer == b""
+    writer.close()
+    await still_served(bystander, speaker)
+
+
+async def test_server_still_serves_after_the_whole_hostile_suite(start_server):
+    """Everything above against one server, then an ordinary chat."""
+    server = await start_server(max_size=4096, handshake_timeout=0.5, rate=50, burst=50)
+    alice = await join(server.url, "after", name="alice")
+    await alice.send("before the storm")
+    await alice.expect(message="before the storm")
+    for payload, opcode, kwargs in [(b"caf\xc3(", 1, {}), (b"x" * 5000, 1, {}),
+                                    (b"ctl", 9, {"fin": False}), (b"raw", 1, {"masked": False}),
+                                    (b"\x00", 2, {})]:
+        raw = await raw_connect(server, "/after")
+        raw.send_frame(opcode, payload, **kwargs)
+        await raw.frames_until_close() if opcode != 2 else await raw.next_json(event="error")
+    for path in ["/..", "/a%2Fb", "/?since=x", "/?name=a&name=b"]:
+        await refused_status(f"{server.url}{path}")
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    async with asyncio.timeout(5):
+        await idle_reader.read()
+    idle_writer.close()
+    for name in ["\u202e", "x" * 100, "a b"]:
+        await (await join(server.url, "after", name=name)).close()
+    bob = await join(server.url, "after", name="bob")
+    assert [f["message"] for f in bob.backlog] == ["before the storm"]
+    await bob.send("all good")
+    assert (await alice.expect(type="user"))["message"] == "all good"
+    assert len(server.clients) >= 2
