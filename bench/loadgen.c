@@ -205,13 +205,17 @@ static void on_readable(Conn *c) {
             c->cap *= 2;
             c->buf = realloc(c->buf, c->cap);
         }
-        ssize_t n = read(c->fd, c->buf + c->len, c->cap - c->len);
+        size_t room = c->cap - c->len;
+        ssize_t n = read(c->fd, c->buf + c->len, room);
         if (n == 0) { fprintf(stderr, "server closed a connection\n"); exit(2); }
         if (n < 0) {
             if (errno == EAGAIN) return;
             die("read");
         }
         c->len += n;
+        /* A short read emptied the socket: epoll (level-triggered) will say
+         * when there is more, which saves a read() that would fail. */
+        int drained = (size_t)n < room;
         if (!c->open) {
             unsigned char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
             if (!end) continue;
@@ -226,6 +230,7 @@ static void on_readable(Conn *c) {
             c->len -= used;
         }
         parse(c);
+        if (drained) return;
     }
 }
 

@@ -264,13 +264,16 @@ def main() -> None:
     parser.add_argument("--storm", type=int, default=5000, help="clients in the join storm")
     parser.add_argument("--no-deflate", dest="deflate", action="store_false",
                         help="clients do not offer permessage-deflate")
+    parser.add_argument("--ladder", help="messages/s per step, comma-separated "
+                        "(default 20,50,...,12800)")
     parser.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
     options = parser.parse_args()
-    options.ladder = [20, 50, 100, 200, 400, 800, 1600, 3200]
+    ladder = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
     idle_sizes = [1000, 10000]
     if options.quick:
         options.clients, options.step, options.repeat = 200, 1.0, 1
-        options.ladder, options.storm, idle_sizes = [50, 400, 1600], 1000, [1000]
+        ladder, options.storm, idle_sizes = [50, 400, 1600], 1000, [1000]
+    options.ladder = [int(r) for r in options.ladder.split(",")] if options.ladder else ladder
     build()
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "node": shutil.which("node") and subprocess.run(
