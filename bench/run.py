@@ -48,7 +48,14 @@ SERVERS = {
     "naive": ([PY, str(BENCH / "baselines" / "naive_websockets.py"), "{port}"], "/"),
     "node": (["node", str(BENCH / "baselines" / "node_ws_server.js"), "{port}"], "/"),
 }
+# Scale-out: chatserver over a Redis server that run.py starts (on core 0
+# too: the load generator keeps core 1 to itself).
+SERVERS["redis"] = (SERVERS["chatserver"][0] + ["--broker", "redis://127.0.0.1:{redis}/0"],
+                    "/bench")
+SERVERS["redis-workers2"] = (SERVERS["redis"][0] + ["--workers", "2"], "/bench")
 LABELS = {
+    "redis": "chatserver `--broker` (Redis)",
+    "redis-workers2": "chatserver `--broker --workers 2`",
     "chatserver": "chatserver",
     "tutorial": "tutorial Tornado",
     "naive": "naive `websockets`",
@@ -80,7 +87,8 @@ class Server:
     def __init__(self, name: str) -> None:
         command, self.path = SERVERS[name]
         self.port = free_port()
-        command = [part.replace("{port}", str(self.port)) for part in command]
+        command = [part.replace("{port}", str(self.port))
+                   .replace("{redis}", str(redis_port())) for part in command]
         self.process = subprocess.Popen(["taskset", "-c", "0", *command],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         preexec_fn=raise_fd_limit)
@@ -115,6 +123,29 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+_redis: list = []
+
+
+def redis_port() -> int:
+    """Start one redis-server for the run (persistence off), once."""
+    if not _redis:
+        port = free_port()
+        process = subprocess.Popen(["taskset", "-c", "0", "redis-server", "--port", str(port),
+                                    "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                   stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+        _redis.extend([port, process])
+    return _redis[0]
 
 
 def raise_fd_limit() -> None:
@@ -255,7 +286,8 @@ def table(results: dict, options: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--servers", default="chatserver,tutorial,naive,node")
+    parser.add_argument("--servers", default="chatserver,tutorial,naive,node",
+                        help="any of chatserver, tutorial, naive, node, redis, redis-workers2")
     parser.add_argument("--scenarios", default="fanout,idle,storm")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=10)
@@ -298,6 +330,8 @@ def main() -> None:
         if "storm" in scenarios and name == "chatserver":
             entry["storm"] = storm(name, options.storm, options)
             print(f"{name}: storm {entry['storm']}", flush=True)
+    if _redis:
+        _redis[1].terminate()
     report = table(results, options)
     results["table"] = report
     Path(options.output).parent.mkdir(exist_ok=True)
