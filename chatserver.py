@@ -1082,6 +1082,10 @@ class RedisBroker(LocalBroker):
         self.follower: asyncio.Task | None = None
         self.beater: asyncio.Task | None = None
         self.beats = 0
+        # A join storm must not take every pooled connection: posts,
+        # heartbeats and leaves need some too, or they time out and the
+        # broker is taken for lost.
+        self.join_slots = asyncio.Semaphore(REDIS_CONNECTIONS // 4)
 
     # Starting and stopping
 
@@ -1129,6 +1133,10 @@ class RedisBroker(LocalBroker):
     # What clients do
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        async with self.join_slots:
+            return await self.join_now(ticket)
+
+    async def join_now(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         """Let a newcomer in: its name claimed in Redis, its welcome with
         the whole room's names, and the history, from Redis, up to what this
         process has delivered: later frames reach it by the fan-out, which
