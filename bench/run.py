@@ -298,6 +298,8 @@ def main() -> None:
                         help="clients do not offer permessage-deflate")
     parser.add_argument("--ladder", help="messages/s per step, comma-separated "
                         "(default 20,50,...,12800)")
+    parser.add_argument("--chatserver-flags", default="",
+                        help='more flags for chatserver, e.g. "--batch-window 10"')
     parser.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
     options = parser.parse_args()
     ladder = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
@@ -307,6 +309,8 @@ def main() -> None:
         ladder, options.storm, idle_sizes = [50, 400, 1600], 1000, [1000]
     options.ladder = [int(r) for r in options.ladder.split(",")] if options.ladder else ladder
     build()
+    for name in ("chatserver", "redis", "redis-workers2"):
+        SERVERS[name][0].extend(options.chatserver_flags.split())
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "node": shutil.which("node") and subprocess.run(
                                ["node", "--version"], capture_output=True, text=True).stdout.strip()},

@@ -268,3 +268,22 @@ async def test_crowded_room_announces_joins_together_once_a_second(start_server)
     await others[0].close()
     notice = await first.expect(event="presence")
     assert notice["left"] == ["n0"] and notice["count"] == 4
+
+
+async def test_batch_window_holds_a_burst_back_and_keeps_its_order(start_server):
+    server = await start_server(batch_window=300)
+    alice = await join(server.url, "batched", name="alice")
+    bob = await join(server.url, "batched", name="bob")
+    await alice.expect(event="join", name="bob")
+    await asyncio.sleep(0.35)  # let the window of the join notices pass
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await alice.send("first")
+    assert (await bob.recv())["message"] == "first"
+    first_at = loop.time() - started
+    for n in range(5):
+        await alice.send(f"burst {n}")
+    frames = [await bob.recv() for _ in range(5)]
+    burst_at = loop.time() - started
+    assert [f["message"] for f in frames] == [f"burst {n}" for n in range(5)]
+    assert first_at < 0.25 <= burst_at  # the first at once, the burst after the window
