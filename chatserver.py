@@ -33,6 +33,7 @@ import secrets
 import signal
 import ssl
 import sys
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -2073,6 +2074,7 @@ async def run(config: Config, ready: Callable[[str], None] = print) -> None:
 
 WORKER_START_TIMEOUT_S = 30.0
 WORKER_RESTART_S = 1.0  # pause before restarting a worker that died
+WORKER_ORPHAN_CHECK_S = 1.0  # how often a worker checks that its parent lives
 
 
 def run_workers(config: Config) -> int | str:
@@ -2146,10 +2148,18 @@ def serve_as_worker(config: Config, ready_writer) -> None:
         if line.startswith("chatserver listening"):
             ready_writer.send(os.getpid())
 
+    # A worker whose parent died (even by SIGKILL) must not serve on alone.
+    threading.Thread(target=stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         asyncio.run(run(config, ready=ready))
     except BrokerUnavailable as exc:
         sys.exit(f"chatserver: {exc}")
+
+
+def stop_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WORKER_ORPHAN_CHECK_S)
+    os.kill(os.getpid(), signal.SIGTERM)  # a graceful shutdown, as from the parent
 
 
 def stop_workers(workers: list, timeout: float) -> None:

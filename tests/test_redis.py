@@ -434,3 +434,22 @@ async def test_a_worker_that_dies_is_restarted(run_process, redis_server):
     await clients[0].send("still one chat")
     for client in clients:
         assert (await client.expect(type="user"))["message"] == "still one chat"
+
+
+async def test_workers_stop_when_their_parent_is_killed(run_process, redis_server):
+    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
+    workers = children(parent.popen.pid)
+    assert len(workers) == 2
+    parent.popen.kill()
+    parent.popen.wait()
+    async with asyncio.timeout(15):
+        while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in workers):
+            await asyncio.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
