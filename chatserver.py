@@ -116,6 +116,7 @@ class Config:
     certfile: str | None = None
     keyfile: str | None = None
     log_level: str = "INFO"
+    uvloop: bool = False
     broker: str | None = None  # redis://HOST:PORT/DB to share rooms with other processes
     workers: int = 1
 
@@ -1976,6 +1977,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="seconds to say goodbye on SIGTERM/SIGINT before exiting anyway")
     add("--certfile", help="TLS certificate (PEM) to serve wss:// directly")
     add("--keyfile", help="TLS private key (PEM) for --certfile")
+    add("--uvloop", action="store_true",
+        help="run on uvloop instead of asyncio's event loop (pip install chatserver[uvloop])")
     add("--log-level", default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log")
     add("--broker", metavar="redis://HOST:PORT/DB",
@@ -2151,7 +2154,7 @@ def serve_as_worker(config: Config, ready_writer) -> None:
     # A worker whose parent died (even by SIGKILL) must not serve on alone.
     threading.Thread(target=stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
-        asyncio.run(run(config, ready=ready))
+        run_loop(config, run(config, ready=ready))
     except BrokerUnavailable as exc:
         sys.exit(f"chatserver: {exc}")
 
@@ -2178,6 +2181,21 @@ async def check_broker(url: str) -> None:
     await client.aclose()
 
 
+def run_loop(config: Config, coroutine) -> None:
+    """Run `coroutine` on asyncio's own event loop, or on uvloop if asked."""
+    if not config.uvloop:
+        asyncio.run(coroutine)
+        return
+    try:
+        import uvloop  # optional: pip install chatserver[uvloop]
+    except ImportError:
+        coroutine.close()
+        sys.exit("chatserver: --uvloop needs the uvloop package: "
+                 "pip install chatserver[uvloop]")
+    log.info("event loop: uvloop %s", uvloop.__version__)
+    uvloop.run(coroutine)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level,
@@ -2188,7 +2206,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.workers > 1:
         sys.exit(run_workers(config))
     try:
-        asyncio.run(run(config, ready=lambda line: print(line, flush=True)))
+        run_loop(config, run(config, ready=lambda line: print(line, flush=True)))
     except BrokerUnavailable as exc:
         sys.exit(f"chatserver: {exc}")
     except OSError as exc:

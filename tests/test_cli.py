@@ -75,3 +75,13 @@ async def test_sigterm_says_goodbye_closes_with_1001_and_exits_0(run_process):
                 await client.recv()
         assert closed.value.rcvd.code == 1001
     assert await asyncio.to_thread(process.popen.wait, 10) == 0
+
+
+async def test_uvloop_serves_a_chat_when_asked(run_process):
+    process = run_process("--uvloop")
+    alice = await join(process.url, name="alice")
+    await alice.send("on uvloop")
+    assert (await alice.recv())["message"] == "on uvloop"
+    await alice.close()
+    assert process.terminate() == 0
+    assert "event loop: uvloop" in process.stderr()
