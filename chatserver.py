@@ -363,6 +363,20 @@ def text_problem(text: str, max_chars: int) -> str | None:
 Outgoing = list[tuple[Member, bytes]]
 
 
+def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed: int,
+                    history: list[bytes]) -> Outgoing:
+    """What a newcomer gets, in order: the welcome, notes about its name, the
+    gap notice if some of what it missed is no longer kept, the history."""
+    room = member.room
+    out = [(member, encode(welcome(room.name, member.name, online, room.delivered_seq,
+                                   room.epoch)))]
+    out += [(member, encode(note)) for note in notes]
+    if missed:
+        out.append((member, encode(gap(room.name, missed))))
+    out += [(member, data) for data in history]
+    return out
+
+
 class Chat:
     """All rooms of one server and the rules of the chat.  No I/O here."""
 
@@ -414,14 +428,7 @@ class Chat:
         """Add a newcomer: its welcome, what it missed, and a join notice."""
         self.forget_if_expired(room_name)
         room = self.open_room(room_name)
-        notes = []
-        if wanted is not None:
-            wanted = unicodedata.normalize("NFC", wanted)
-            problem = name_problem(wanted)
-            if problem:
-                notes.append(error(room.name, f"name {wanted!r} refused: {problem}; "
-                                   "you are a guest"))
-                wanted = None
+        wanted, notes = self.newcomer_name(room_name, wanted)
         name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
                         refilled_at=self.clock())
@@ -429,15 +436,20 @@ class Chat:
 
         if epoch != room.epoch:
             since = None  # another epoch: its numbers mean nothing here
-        missed, frames = room.history_since(since)
-        out = [(member, encode(welcome(room.name, name, room.online(), room.delivered_seq,
-                                       room.epoch)))]
-        out += [(member, encode(note)) for note in notes]
-        if missed:
-            out.append((member, encode(gap(room.name, missed))))
-        out += [(member, data) for data in frames]
+        missed, history = room.history_since(since)
         room.announce_presence(name, joining=True)
-        return member, out
+        return member, newcomer_frames(member, room.online(), notes, missed, history)
+
+    def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
+        """The name a newcomer asked for, if it is valid, and notes for it."""
+        if wanted is None:
+            return None, []
+        wanted = unicodedata.normalize("NFC", wanted)
+        problem = name_problem(wanted)
+        if problem:
+            return None, [error(room_name, f"name {wanted!r} refused: {problem}; "
+                                           "you are a guest")]
+        return wanted, []
 
     def leave(self, member: Member) -> None:
         room = member.room
@@ -820,17 +832,6 @@ class SharedChat(Chat):
             room = self.rooms[room_name] = SharedRoom(room_name, self.config.history)
         return room
 
-    def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
-        """The name a newcomer asked for, if it is valid, and notes for it."""
-        if wanted is None:
-            return None, []
-        wanted = unicodedata.normalize("NFC", wanted)
-        problem = name_problem(wanted)
-        if problem:
-            return None, [error(room_name, f"name {wanted!r} refused: {problem}; "
-                                           "you are a guest")]
-        return wanted, []
-
     def newcomer(self, room: SharedRoom, name: str, address: str) -> Member:
         member = Member(name, room, address, tokens=self.config.burst, refilled_at=self.clock())
         room.members[fold(name)] = member
@@ -1173,13 +1174,7 @@ class RedisBroker(LocalBroker):
             self.forget_if_empty(room)
         since = ticket.since if ticket.epoch == room.epoch else None
         missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
-        out = [(member, encode(welcome(room.name, name, online_names(values),
-                                       room.delivered_seq, room.epoch)))]
-        out += [(member, encode(note)) for note in notes]
-        if missed:
-            out.append((member, encode(gap(room.name, missed))))
-        out += [(member, data) for data in history]
-        return member, out
+        return member, newcomer_frames(member, online_names(values), notes, missed, history)
 
     def leave(self, member: Member) -> None:
         room = member.room
