@@ -105,22 +105,32 @@ async def room(start_server):
 # Frames
 
 
-async def test_invalid_utf8_closes_with_1007_and_others_go_on(room):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
-    raw.send_frame(1, b"caf\xc3(")
-    _, code = await raw.frames_until_close()
-    assert code == 1007
-    await still_served(bystander, speaker)
+def fragments(*parts: bytes) -> list[dict]:
+    """One text message in fragments: text first, continuations after."""
+    last = len(parts) - 1
+    return [dict(opcode=0 if n else 1, payload=part, fin=n == last)
+            for n, part in enumerate(parts)]
 
 
-async def test_invalid_utf8_split_across_fragments_closes_with_1007(room):
+@pytest.mark.parametrize("frames, code", [
+    ([dict(opcode=1, payload=b"caf\xc3(")], 1007),                  # invalid UTF-8
+    (fragments(b"ok \xe2\x82", b"\xff end"), 1007),                 # ...split over fragments
+    ([dict(opcode=1, payload=b"x" * 5000)], 1009),                 # over --max-size
+    (fragments(*[b"y" * 1000] * 10), 1009),                        # ...in small fragments
+    ([dict(opcode=9, payload=b"split ping", fin=False)], 1002),    # fragmented control frame
+    ([dict(opcode=3, payload=b"reserved opcode")], 1002),
+    ([dict(opcode=1, payload=b"unmasked", masked=False)], 1002),   # clients must mask
+    ([dict(opcode=1, payload=b"rsv bits", rsv=0x40)], 1002),       # no extension negotiated
+    ([dict(opcode=0, payload=b"continuation of nothing")], 1002),
+], ids=["utf8", "utf8-fragments", "too-big", "too-big-fragments", "control-fragment",
+        "reserved-opcode", "unmasked", "rsv-bits", "stray-continuation"])
+async def test_bad_frames_close_with_their_code_and_others_go_on(room, frames, code):
     server, bystander, speaker = room
     raw = await raw_connect(server, "/hostile")
-    raw.send_frame(1, b"ok \xe2\x82", fin=False)
-    raw.send_frame(0, b"\xff end")
-    _, code = await raw.frames_until_close()
-    assert code == 1007
+    for frame in frames:
+        raw.send_frame(**frame)
+    _, got = await raw.frames_until_close()
+    assert got == code
     await still_served(bystander, speaker)
 
 
@@ -130,25 +140,6 @@ async def test_binary_frame_gets_an_error_frame(room):
     raw.send_frame(2, b"\x00\x01\x02")
     frame = await raw.next_json(event="error")
     assert "binary" in frame["message"]
-    await still_served(bystander, speaker)
-
-
-async def test_oversized_frame_closes_with_1009(room):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
-    raw.send_frame(1, b"x" * 5000)
-    _, code = await raw.frames_until_close()
-    assert code == 1009
-    await still_served(bystander, speaker)
-
-
-async def test_oversized_message_in_small_fragments_closes_with_1009(room):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
-    for _ in range(10):
-        raw.send_frame(1 if _ == 0 else 0, b"y" * 1000, fin=False)
-    _, code = await raw.frames_until_close()
-    assert code == 1009
     await still_served(bystander, speaker)
 
 
@@ -165,22 +156,6 @@ async def test_fragmented_message_with_a_ping_between_arrives_whole(room):
     assert (opcode, payload) == (10, b"are you there")  # the pong, mid-message
     frame = await bystander.expect(type="user")
     assert frame["message"] == "hello world"
-
-
-@pytest.mark.parametrize("frame", [
-    dict(opcode=9, payload=b"split ping", fin=False),   # fragmented control frame
-    dict(opcode=3, payload=b"reserved opcode"),
-    dict(opcode=1, payload=b"unmasked", masked=False),  # clients must mask
-    dict(opcode=1, payload=b"rsv bits", rsv=0x40),      # no extension negotiated
-    dict(opcode=0, payload=b"continuation of nothing"),
-])
-async def test_protocol_violations_close_with_1002(room, frame):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
-    raw.send_frame(**frame)
-    _, code = await raw.frames_until_close()
-    assert code == 1002
-    await still_served(bystander, speaker)
 
 
 async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_server):
