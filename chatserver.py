@@ -78,7 +78,7 @@ FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
 CROWD_MEMBERS = 100
-BATCH_WINDOW_MS = 0.0  # send at once; see --batch-window
+BATCH_WINDOW_MS = 15.0  # a busy room sends at most every 15 ms; see --batch-window
 PRESENCE_INTERVAL_S = 1.0  # a crowded room's joins and leaves, gathered
 PRESENCE_NAMES = 20  # names listed in one presence notice
 
@@ -1160,6 +1160,7 @@ class RedisBroker(LocalBroker):
             raise BrokerUnavailable(BROKER_DOWN)
         wanted, notes = chat.newcomer_name(ticket.room, ticket.name)
         room = chat.shared_room(ticket.room)
+        self.flush(room)  # a batch held back before the newcomer is not for it
         room.joining += 1
         try:
             await self.enter(room)
@@ -1670,6 +1671,11 @@ class ChatServer:
             client.inbox_ready = asyncio.Event()
             client.task = asyncio.create_task(self.serve_shared(client, ticket))
         else:
+            room = self.chat.rooms.get(ticket.room)
+            if room is not None:
+                # What the room queued before this newcomer (a batch held back
+                # by --batch-window) is not for it: it gets the history.
+                self.broker.flush(room)
             self.admit(client, *self.chat.join(ticket.room, ticket.name, ticket.since,
                                                ticket.epoch, ticket.address))
 
@@ -1923,12 +1929,21 @@ def parse_since(value: str | None) -> int | None:
 # main ---------------------------------------------------------------------
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(
         prog="chatserver",
         description="A WebSocket chat-room server. Clients connect to "
                     "ws://HOST:PORT/ROOM?name=NICK; open public/index.html to chat.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add("--host", default=None, help="address to listen on (default: all interfaces)")

@@ -287,3 +287,20 @@ async def test_batch_window_holds_a_burst_back_and_keeps_its_order(start_server)
     burst_at = loop.time() - started
     assert [f["message"] for f in frames] == [f"burst {n}" for n in range(5)]
     assert first_at < 0.25 <= burst_at  # the first at once, the burst after the window
+
+
+async def test_a_newcomer_gets_a_held_back_batch_as_history_not_twice(start_server):
+    server = await start_server(batch_window=300)
+    alice = await join(server.url, "held", name="alice")
+    await asyncio.sleep(0.35)  # let the window of alice's join notice pass
+    await alice.send("first")  # goes at once...
+    await alice.expect(message="first")
+    await alice.send("second")  # ...and this one is held back
+    await asyncio.sleep(0.05)
+    bob = await join(server.url, "held", name="bob")
+    assert [f["message"] for f in bob.backlog] == ["first", "second"]
+    assert bob.welcome["seq"] == 2
+    await alice.send("third")
+    later = await bob.recv_until(lambda f: f.get("message") == "third")
+    assert [f["seq"] for f in later if f["type"] == "user"] == [3]  # nothing twice
+    assert (await alice.expect(type="user"))["message"] == "second"
