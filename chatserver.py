@@ -86,6 +86,7 @@ PRESENCE_NAMES = 20  # names listed in one presence notice
 # 1009 frame too big, 1011 ping timeout).
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # flooding, too slow
+CLOSE_REPLACED = 4000  # the same client came back on a new connection (?key=)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +141,13 @@ def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
             "ts": now_ms(), **fields}
 
 
-def welcome(room: str, name: str, online: list[str], seq: int, epoch: str) -> dict:
-    return sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
-                     name=name, online=online, seq=seq, epoch=epoch)
+def welcome(room: str, name: str, online: list[str], seq: int, epoch: str,
+            key: str | None = None) -> dict:
+    frame = sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
+                      name=name, online=online, seq=seq, epoch=epoch)
+    if key is not None:
+        frame["key"] = key
+    return frame
 
 
 def joined(room: str, name: str, count: int) -> dict:
@@ -244,6 +249,10 @@ class Member:
     flood_error_at: float = float("-inf")
     rejected_at: float = float("-inf")
     close_with: tuple[int, str] | None = None  # set when the member must go
+    # The secret in this member's welcome: whoever shows it may take the
+    # name back on a new connection (a page reconnecting after a drop the
+    # server has not noticed yet).
+    key: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
 
 
 @dataclasses.dataclass(eq=False)
@@ -364,12 +373,12 @@ Outgoing = list[tuple[Member, bytes]]
 
 
 def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed: int,
-                    history: list[bytes]) -> Outgoing:
+                    history: list[bytes], key: str | None = None) -> Outgoing:
     """What a newcomer gets, in order: the welcome, notes about its name, the
     gap notice if some of what it missed is no longer kept, the history."""
     room = member.room
     out = [(member, encode(welcome(room.name, member.name, online, room.delivered_seq,
-                                   room.epoch)))]
+                                   room.epoch, key)))]
     out += [(member, encode(note)) for note in notes]
     if missed:
         out.append((member, encode(gap(room.name, missed))))
@@ -438,7 +447,19 @@ class Chat:
             since = None  # another epoch: its numbers mean nothing here
         missed, history = room.history_since(since)
         room.announce_presence(name, joining=True)
-        return member, newcomer_frames(member, room.online(), notes, missed, history)
+        return member, newcomer_frames(member, room.online(), notes, missed, history,
+                                       member.key)
+
+    def holder(self, room_name: str, name: str | None, key: str | None) -> Member | None:
+        """The member who holds `name` in the room, if `key` is its key: a
+        client back on a new connection, whose old one is not yet found dead."""
+        room = self.rooms.get(room_name)
+        if room is None or name is None or not key:
+            return None
+        member = room.members.get(fold(unicodedata.normalize("NFC", name)))
+        if member is None or not secrets.compare_digest(member.key.encode(), key.encode()):
+            return None
+        return member
 
     def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
         """The name a newcomer asked for, if it is valid, and notes for it."""
@@ -1507,6 +1528,7 @@ class Ticket:
     since: int | None
     epoch: str | None
     address: str
+    key: str | None = None  # a welcome's key: take this name back from an old connection
 
 
 class Client(asyncio.Protocol):
@@ -1671,6 +1693,9 @@ class ChatServer:
             client.inbox_ready = asyncio.Event()
             client.task = asyncio.create_task(self.serve_shared(client, ticket))
         else:
+            holder = self.chat.holder(ticket.room, ticket.name, ticket.key)
+            if holder is not None:
+                self.replace(holder.connection)
             room = self.chat.rooms.get(ticket.room)
             if room is not None:
                 # What the room queued before this newcomer (a batch held back
@@ -1687,6 +1712,13 @@ class ChatServer:
                  client.address)
         self.send(client, out)
         self.broker.publish(member.room)
+
+    def replace(self, client: Client) -> None:
+        """Let a client's name go to its new connection: it leaves now."""
+        log.info("replacing %s in %s from %s: it is back on a new connection",
+                 client.member.name, client.member.room.name, client.address)
+        self.forget(client)
+        client.close(CLOSE_REPLACED, "replaced by a new connection")
 
     async def serve_shared(self, client: Client, ticket: Ticket) -> None:
         """With a shared broker, joining and each line wait for Redis; one
@@ -1728,6 +1760,8 @@ class ChatServer:
 
     def on_line(self, client: Client, line: str) -> None:
         self.metrics.messages_received += 1
+        if client not in self.clients:
+            return  # replaced by a new connection, and closing
         if client.inbox is None:
             self.after_line(client, self.chat.receive(client.member, line))
         elif len(client.inbox) < self.config.burst:
@@ -1803,7 +1837,7 @@ class ChatServer:
         self.chat.check_room(room)
         params = parse_query(query)
         return Ticket(room, params.get("name"), parse_since(params.get("since")),
-                      params.get("epoch"), address)
+                      params.get("epoch"), address, params.get("key"))
 
     def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:

@@ -14,6 +14,7 @@
   const RETRY_FIRST_MS = 500;     // first retry after a drop, before jitter
   const RETRY_MAX_MS = 30000;     // backoff ceiling
   const WELCOME_TIMEOUT_MS = 10000;  // a connection not welcomed by then is retried
+  const CLOSE_REPLACED = 4000;    // the server: this connection's name went to a newer one
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
   const WHO_DELAY_MS = 2000;      // wait this (plus jitter) before asking /who to mend the list...
@@ -75,6 +76,7 @@
   const chat = {
     name: null,            // our nickname, as the server last told us
     wanted: settings.name, // the name we ask for when we (re)connect
+    key: null,             // the welcome's key: on a reconnect, our name back
     epoch: null,           // the room's seq numbering we have seen...
     lastSeq: 0,            // ...and the last seq shown: resume from here
     online: new Set(),     // names we know to be here...
@@ -371,6 +373,7 @@
       chat.lastSeq = 0;
     }
     chat.epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
+    chat.key = typeof frame.key === 'string' ? frame.key : null;
     chat.historyUpTo = Number.isInteger(frame.seq) ? frame.seq : 0;
     chat.quietWho = 0;
     // Remember the name asked for if we got it, or it with a suffix (alice-2):
@@ -405,12 +408,16 @@
     setState(link.everOnline ? 'reconnecting' : 'connecting');
     let socket;
     try {
-      link.url = socketUrl(settings.server, settings.room, {
+      const params = {
         name: chat.wanted,
         since: chat.epoch !== null ? String(chat.lastSeq) : null,
         epoch: chat.epoch,
-      });
-      socket = new WebSocket(link.url);
+      };
+      link.url = socketUrl(settings.server, settings.room, params);  // shown: no key
+      // The key takes our name back from our old connection, if the server
+      // has not yet noticed that it died (otherwise we would be alice-2).
+      socket = new WebSocket(socketUrl(settings.server, settings.room,
+        { ...params, key: chat.wanted === chat.name ? chat.key : null }));
     } catch (problem) {
       fatal(`Cannot connect: ${problem.message}`);
       return;
@@ -420,13 +427,18 @@
     socket.addEventListener('message', (event) => {
       if (socket === link.socket) receive(event.data);
     });
-    socket.addEventListener('close', () => {
-      if (socket === link.socket) dropped();
+    socket.addEventListener('close', (event) => {
+      if (socket === link.socket) dropped(event.code);
     });
   }
 
-  function dropped() {
+  function dropped(code) {
     clearTimeout(link.welcomeTimer);
+    if (code === CLOSE_REPLACED) {  // our key came back on another connection:
+      link.socket = null;           // retrying would take the name back and forth
+      fatal('This chat was opened again elsewhere with your name; reload the page to chat here.');
+      return;
+    }
     const wasOnline = ui.status.dataset.state === 'online';
     link.socket = null;
     clearTimeout(chat.whoTimer);

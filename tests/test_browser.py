@@ -137,6 +137,8 @@ class Relay:
         self.closed = False
         self.lock = threading.Lock()
         self.sockets: set[socket.socket] = set()
+        self.upstreams: set[socket.socket] = set()  # the server's side of each relay
+        self.hung: set[socket.socket] = set()  # left open, silent: see vanish()
         self.thread = threading.Thread(target=self.accept_loop, daemon=True)
         self.thread.start()
 
@@ -163,6 +165,7 @@ class Relay:
                 continue
             with self.lock:
                 self.sockets |= {client, upstream}
+                self.upstreams.add(upstream)
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
 
@@ -178,6 +181,8 @@ class Relay:
 
     def shut(self, sock: socket.socket) -> None:
         with self.lock:
+            if sock in self.hung:
+                return
             self.sockets.discard(sock)
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -193,11 +198,26 @@ class Relay:
         for sock in sockets:
             self.shut(sock)
 
+    def vanish(self) -> None:
+        """Drop the pages' side of every relayed connection but leave the
+        server's side open and silent, as a network that vanishes without a
+        word does (Wi-Fi gone, laptop asleep): the server only finds out by
+        ping, much later. New connections go through."""
+        with self.lock:
+            self.hung |= self.upstreams
+            sockets = list(self.sockets - self.upstreams)
+        for sock in sockets:
+            self.shut(sock)
+
     def restore(self) -> None:
         self.up = True
 
     def close(self) -> None:
         self.closed = True
+        with self.lock:
+            hung, self.hung = self.hung, set()
+        for sock in hung:
+            self.shut(sock)
         self.cut()
         self.thread.join(PROCESS_TIMEOUT_S)
         self.listener.close()
@@ -475,6 +495,28 @@ def test_a_dropped_page_resumes_where_it_left_off(open_page, site, chat_server, 
     assert query["since"] == ["1"] and query["epoch"][0] and query["name"] == ["carol"]
     talker.say("m4")
     expect(dropped.chat_texts).to_have_text(["m1", "m2", "m3", "m4"])
+
+
+def test_a_page_back_from_a_silent_drop_keeps_its_name(open_page, site, chat_server, relay):
+    """The server still holds the page's old connection when the page comes
+    back: the welcome's key takes the name back, so carol is not carol-2."""
+    dropped = open_page(page_url(site, server=relay.url, name="carol"))
+    talker = open_page(page_url(site, server=chat_server.url, name="dave"))
+    dropped.wait_online()
+    talker.wait_online()
+    expect(talker.online).to_have_text(["carol", "dave"])
+
+    relay.vanish()
+    expect(dropped.status).not_to_have_attribute("data-state", "online")
+    dropped.wait_online(timeout=RECONNECT_MS)
+    assert len(dropped.sockets) == 2
+    expect(dropped.me).to_have_text("carol")
+    expect(talker.notice("carol has left")).to_have_count(1)  # the old connection...
+    expect(talker.notice("carol has joined")).to_have_count(1)  # ...and the new one
+    expect(talker.online).to_have_text(["carol", "dave"])
+    talker.say("still there?")
+    expect(dropped.chat_texts).to_have_text(["still there?"])
+    assert "key=" not in dropped.status.get_attribute("title")  # not shown to the user
 
 
 def test_a_resume_past_the_kept_history_shows_the_gap(open_page, site):

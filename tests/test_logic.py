@@ -423,3 +423,19 @@ def test_crowded_room_gathers_joins_and_leaves_into_one_presence_notice():
     assert notice["message"] == ", ".join(notice["joined"]) + " and 5 others joined; user0 left"
     room.take_presence()
     assert room_frames(room) == []
+
+
+def test_the_welcome_key_names_the_holder_of_a_name_and_nothing_else():
+    chat, _ = make_chat()
+    alice, out = chat.join("lobby", "Alice")
+    key = frames(out)[0]["key"]
+    assert len(key) >= 16 and key == alice.key
+    assert chat.holder("lobby", "alice", key) is alice  # names fold, as when joining
+    assert chat.holder("lobby", "alice", "not-the-key") is None
+    assert chat.holder("lobby", "alice", "") is None
+    assert chat.holder("lobby", None, key) is None
+    assert chat.holder("elsewhere", "alice", key) is None
+    bob, out = chat.join("lobby", "bob")
+    assert frames(out)[0]["key"] != key  # a key per member
+    assert chat.holder("lobby", "bob", key) is None  # one member's key is not another's
+    assert all("key" not in frame for frame in room_frames(alice.room))  # never to the room

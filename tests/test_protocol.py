@@ -304,3 +304,27 @@ async def test_a_newcomer_gets_a_held_back_batch_as_history_not_twice(start_serv
     later = await bob.recv_until(lambda f: f.get("message") == "third")
     assert [f["seq"] for f in later if f["type"] == "user"] == [3]  # nothing twice
     assert (await alice.expect(type="user"))["message"] == "second"
+
+
+async def test_a_client_back_with_its_key_takes_its_name_from_its_old_connection(start_server):
+    server = await start_server()
+    alice = await join(server.url, "back", name="alice")  # her network will "drop"
+    bob = await join(server.url, "back", name="bob")
+    key = alice.welcome["key"]
+    stranger = await join(server.url, "back", name="alice", key="a guess")
+    assert stranger.name == "alice-2"  # a wrong key takes nothing
+    again = await join(server.url, "back", name="alice", key=key)
+    assert again.name == "alice" and again.welcome["key"] != key
+    assert sorted(again.welcome["online"]) == ["alice", "alice-2", "bob"]
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await alice.ws.recv()
+    assert closed.value.rcvd.code == 4000
+    seen = await bob.recv_until(lambda f: f.get("event") == "join" and f["name"] == "alice")
+    assert [(f["event"], f["name"]) for f in seen] == [
+        ("join", "alice-2"), ("leave", "alice"), ("join", "alice")]
+    assert all(key not in json.dumps(f) for f in seen)
+    late = await join(server.url, "back", name="alice", key=key)  # that key was used up
+    assert late.name == "alice-3"
+    await again.send("still me")
+    assert (await bob.expect(type="user"))["id"] == "alice"
