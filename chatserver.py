@@ -307,7 +307,14 @@ class Room:
     def take_presence(self) -> None:
         """Announce the gathered joins and leaves, if any, as one notice."""
         if self.arrived or self.departed:
-            self.announce(presence(self.name, self.arrived, self.departed, len(self.members)))
+            # Whoever came and went (or went and came back, on a new
+            # connection) within the second is listed once: where they are now.
+            both = set(self.arrived) & set(self.departed)
+            here = {name for name in both if self.has_name(name)}
+            arrived = [name for name in self.arrived if name not in both or name in here]
+            departed = [name for name in self.departed if name not in here]
+            self.announce(presence(self.name, list(dict.fromkeys(arrived)),
+                                   list(dict.fromkeys(departed)), len(self.members)))
             self.arrived, self.departed = [], []
 
     def announce(self, frame: dict) -> None:
@@ -433,14 +440,20 @@ class Chat:
     # What clients do
 
     def join(self, room_name: str, wanted: str | None = None, since: int | None = None,
-             epoch: str | None = None, address: str = "") -> tuple[Member, Outgoing]:
-        """Add a newcomer: its welcome, what it missed, and a join notice."""
+             epoch: str | None = None, address: str = "",
+             key: str | None = None) -> tuple[Member, Outgoing]:
+        """Add a newcomer: its welcome, what it missed, and a join notice.
+
+        `key`: the key of the member it replaces (see `holder`); it keeps it,
+        so a reconnect whose welcome is lost can still use it."""
         self.forget_if_expired(room_name)
         room = self.open_room(room_name)
         wanted, notes = self.newcomer_name(room_name, wanted)
         name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
                         refilled_at=self.clock())
+        if key:
+            member.key = key
         room.members[fold(name)] = member
 
         if epoch != room.epoch:
@@ -615,7 +628,7 @@ class LocalBroker:
         self.metrics = metrics
         self.batch_window = config.batch_window / 1000
         self.sent_at: weakref.WeakKeyDictionary[Room, float] = weakref.WeakKeyDictionary()
-        self.scheduled: set[Room] = set()
+        self.scheduled: dict[Room, asyncio.Handle] = {}  # rooms with a flush to come
         self.presence_scheduled: set[Room] = set()
 
     async def start(self) -> None:
@@ -633,12 +646,11 @@ class LocalBroker:
         or, with --batch-window, once the window since its last send is over."""
         loop = asyncio.get_running_loop()
         if room.pending and room not in self.scheduled:
-            self.scheduled.add(room)
             wait = self.sent_at.get(room, float("-inf")) + self.batch_window - loop.time()
             if wait > 0:
-                loop.call_later(wait, self.flush, room)
+                self.scheduled[room] = loop.call_later(wait, self.flush, room)
             else:
-                loop.call_soon(self.flush, room)
+                self.scheduled[room] = loop.call_soon(self.flush, room)
         if (room.arrived or room.departed) and room not in self.presence_scheduled:
             self.presence_scheduled.add(room)
             loop.call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
@@ -648,8 +660,13 @@ class LocalBroker:
         room.take_presence()
         self.flush(room)
 
+    def unschedule(self, room: Room) -> None:
+        handle = self.scheduled.pop(room, None)
+        if handle is not None:
+            handle.cancel()  # a flush called early: no second one when the window ends
+
     def flush(self, room: Room) -> None:
-        self.scheduled.discard(room)
+        self.unschedule(room)
         frames = room.take_pending()
         if not frames:
             return
@@ -1221,7 +1238,7 @@ class RedisBroker(LocalBroker):
         if room.joining:
             # A newcomer's history is being read up to delivered_seq: hold
             # the live frames until it is a member, then it gets them too.
-            self.scheduled.discard(room)
+            self.unschedule(room)
             return
         super().flush(room)
 
@@ -1696,13 +1713,14 @@ class ChatServer:
             holder = self.chat.holder(ticket.room, ticket.name, ticket.key)
             if holder is not None:
                 self.replace(holder.connection)
+            key = holder.key if holder is not None else None
             room = self.chat.rooms.get(ticket.room)
             if room is not None:
                 # What the room queued before this newcomer (a batch held back
                 # by --batch-window) is not for it: it gets the history.
                 self.broker.flush(room)
             self.admit(client, *self.chat.join(ticket.room, ticket.name, ticket.since,
-                                               ticket.epoch, ticket.address))
+                                               ticket.epoch, ticket.address, key))
 
     def admit(self, client: Client, member: Member, out: Outgoing) -> None:
         member.connection = client
@@ -1718,6 +1736,7 @@ class ChatServer:
         log.info("replacing %s in %s from %s: it is back on a new connection",
                  client.member.name, client.member.room.name, client.address)
         self.forget(client)
+        client.member.room.empty_since = None  # not empty: its member is back at once
         client.close(CLOSE_REPLACED, "replaced by a new connection")
 
     async def serve_shared(self, client: Client, ticket: Ticket) -> None:
@@ -1759,9 +1778,9 @@ class ChatServer:
     # Lines in
 
     def on_line(self, client: Client, line: str) -> None:
-        self.metrics.messages_received += 1
         if client not in self.clients:
             return  # replaced by a new connection, and closing
+        self.metrics.messages_received += 1
         if client.inbox is None:
             self.after_line(client, self.chat.receive(client.member, line))
         elif len(client.inbox) < self.config.burst:
@@ -1818,7 +1837,8 @@ class ChatServer:
             request.ticket = self.check_handshake(request, address)
         except Refused as refusal:
             self.metrics.refused[refusal.status] += 1
-            log.warning("refused %s %s from %s: %s", request.path[:100], refusal.status,
+            log.warning("refused %s %s from %s: %s",  # no query: it may hold a key
+                        request.path.partition("?")[0][:100], refusal.status,
                         address, refusal.reason)
             return client.protocol.reject(refusal.status, refusal.reason + "\n")
         return None
@@ -1967,7 +1987,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        if action.default in (None, []) or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,8 +90,9 @@ class Server:
         self.port = free_port()
         command = [part.replace("{port}", str(self.port))
                    .replace("{redis}", str(redis_port())) for part in command]
+        self.errors = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(["taskset", "-c", "0", *command],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=self.errors,
                                         preexec_fn=raise_fd_limit)
         deadline = time.monotonic() + 20
         while True:
@@ -100,7 +102,10 @@ class Server:
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     self.stop()
-                    raise RuntimeError(f"{name} did not start")
+                    self.errors.seek(0)
+                    said = self.errors.read()[-2000:]
+                    raise RuntimeError(f"{name} did not start (missing `pip install -e "
+                                       f"'.[bench]'`, node or redis-server?):\n{said}")
                 time.sleep(0.05)
         time.sleep(0.3)
 

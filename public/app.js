@@ -417,7 +417,7 @@
       // The key takes our name back from our old connection, if the server
       // has not yet noticed that it died (otherwise we would be alice-2).
       socket = new WebSocket(socketUrl(settings.server, settings.room,
-        { ...params, key: chat.wanted === chat.name ? chat.key : null }));
+        { ...params, key: chat.key }));
     } catch (problem) {
       fatal(`Cannot connect: ${problem.message}`);
       return;

@@ -439,3 +439,19 @@ def test_the_welcome_key_names_the_holder_of_a_name_and_nothing_else():
     assert frames(out)[0]["key"] != key  # a key per member
     assert chat.holder("lobby", "bob", key) is None  # one member's key is not another's
     assert all("key" not in frame for frame in room_frames(alice.room))  # never to the room
+
+
+def test_presence_lists_who_came_back_within_the_second_as_here_once():
+    chat, _ = make_chat(crowd=1)
+    members = [chat.join("big", f"m{n}")[0] for n in range(3)]
+    room = members[0].room
+    room.take_presence()
+    room_frames(room)
+    chat.leave(members[0])  # m0's connection replaced: leaves...
+    chat.join("big", "m0")  # ...and is back
+    brief, _ = chat.join("big", "brief")  # came and went
+    chat.leave(brief)
+    room.take_presence()
+    [notice] = room_frames(room)
+    assert notice["joined"] == ["m0"] and notice["left"] == ["brief"]
+    assert notice["count"] == 3

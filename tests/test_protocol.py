@@ -314,7 +314,7 @@ async def test_a_client_back_with_its_key_takes_its_name_from_its_old_connection
     stranger = await join(server.url, "back", name="alice", key="a guess")
     assert stranger.name == "alice-2"  # a wrong key takes nothing
     again = await join(server.url, "back", name="alice", key=key)
-    assert again.name == "alice" and again.welcome["key"] != key
+    assert again.name == "alice" and again.welcome["key"] == key  # one key per session
     assert sorted(again.welcome["online"]) == ["alice", "alice-2", "bob"]
     with pytest.raises(ConnectionClosed) as closed:
         while True:
@@ -324,7 +324,34 @@ async def test_a_client_back_with_its_key_takes_its_name_from_its_old_connection
     assert [(f["event"], f["name"]) for f in seen] == [
         ("join", "alice-2"), ("leave", "alice"), ("join", "alice")]
     assert all(key not in json.dumps(f) for f in seen)
-    late = await join(server.url, "back", name="alice", key=key)  # that key was used up
-    assert late.name == "alice-3"
+    other = await join(server.url, "back", name="alice", key=bob.welcome["key"])
+    assert other.name == "alice-3"  # bob's key is bob's
     await again.send("still me")
     assert (await bob.expect(type="user"))["id"] == "alice"
+
+
+async def test_a_replaced_only_member_keeps_its_room_even_with_room_ttl_0(start_server):
+    server = await start_server(room_ttl=0)
+    alice = await join(server.url, "solo", name="alice")
+    await alice.send("kept")
+    await alice.expect(message="kept")
+    again = await join(server.url, "solo", name="alice", key=alice.welcome["key"])
+    assert again.name == "alice" and again.welcome["epoch"] == alice.welcome["epoch"]
+    assert [f["message"] for f in again.backlog] == ["kept"]
+
+
+async def test_an_early_flush_does_not_shorten_the_next_batch_window(start_server):
+    server = await start_server(batch_window=1000)
+    alice = await join(server.url, "timed", name="alice")
+    await asyncio.sleep(1.05)  # let the window of alice's join notice pass
+    loop = asyncio.get_running_loop()
+    await alice.send("m1")  # at once; the window runs to +1.0 s
+    await alice.expect(message="m1")
+    started = loop.time()
+    await alice.send("m2")  # held
+    await asyncio.sleep(0.5)
+    await join(server.url, "timed", name="bob")  # m2 goes out now; a new window to +1.5 s
+    await alice.expect(message="m2")
+    await alice.send("m3")
+    await alice.expect(message="m3")
+    assert loop.time() - started >= 1.3  # not at +1.0 s, when m2's old timer was due
