@@ -350,7 +350,8 @@ async def test_an_early_flush_does_not_shorten_the_next_batch_window(start_serve
     started = loop.time()
     await alice.send("m2")  # held
     await asyncio.sleep(0.5)
-    await join(server.url, "timed", name="bob")  # m2 goes out now; a new window to +1.5 s
+    bob = await connect(f"{server.url}/timed?name=bob")  # m2 goes out now...
+    assert json.loads(await bob.recv())["event"] == "welcome"  # ...a new window to +1.5 s
     await alice.expect(message="m2")
     await alice.send("m3")
     await alice.expect(message="m3")
