@@ -270,8 +270,9 @@ class Room:
     pending: list[bytes] = dataclasses.field(default_factory=list)  # room frames not yet sent
     pending_seq: list[int] = dataclasses.field(default_factory=list)
     empty_since: float | None = None
-    arrived: list[str] = dataclasses.field(default_factory=list)  # not yet announced
-    departed: list[str] = dataclasses.field(default_factory=list)
+    # Joins and leaves of a crowded room not yet announced: name -> here now
+    # (the last change wins, so someone back on a new connection is here).
+    unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.history = collections.deque(maxlen=self.history_limit)
@@ -299,23 +300,23 @@ class Room:
         notice a second instead (see `take_presence`).
         """
         if len(self.members) > self.crowd:
-            (self.arrived if joining else self.departed).append(name)
+            self.unannounced[name] = joining
         else:
             notice = joined if joining else left
             self.announce(notice(self.name, name, len(self.members)))
 
     def take_presence(self) -> None:
-        """Announce the gathered joins and leaves, if any, as one notice."""
-        if self.arrived or self.departed:
-            # Whoever came and went (or went and came back, on a new
-            # connection) within the second is listed once: where they are now.
-            both = set(self.arrived) & set(self.departed)
-            here = {name for name in both if self.has_name(name)}
-            arrived = [name for name in self.arrived if name not in both or name in here]
-            departed = [name for name in self.departed if name not in here]
-            self.announce(presence(self.name, list(dict.fromkeys(arrived)),
-                                   list(dict.fromkeys(departed)), len(self.members)))
-            self.arrived, self.departed = [], []
+        """Announce the gathered joins and leaves, if any, as one notice,
+        each name once, where it ended up."""
+        if self.unannounced:
+            changes, self.unannounced = self.unannounced, {}
+            arrived = [name for name, here in changes.items() if here]
+            departed = [name for name, here in changes.items() if not here]
+            self.announce(presence(self.name, arrived, departed, self.count()))
+
+    def count(self) -> int:
+        """How many are in the room."""
+        return len(self.members)
 
     def announce(self, frame: dict) -> None:
         """Queue a frame for everyone in the room."""
@@ -651,7 +652,7 @@ class LocalBroker:
                 self.scheduled[room] = loop.call_later(wait, self.flush, room)
             else:
                 self.scheduled[room] = loop.call_soon(self.flush, room)
-        if (room.arrived or room.departed) and room not in self.presence_scheduled:
+        if room.unannounced and room not in self.presence_scheduled:
             self.presence_scheduled.add(room)
             loop.call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
 
@@ -757,6 +758,7 @@ class SharedRoom(Room):
     synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     ever_synced: bool = False
     early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    total: int = 0  # members on every process, as the last join or leave said
 
     def post(self, name: str, text: str, action: bool = False) -> None:
         self.requests.append(Post(name, text, action))
@@ -769,6 +771,8 @@ class SharedRoom(Room):
         if not self.synced.is_set():
             self.early.append((head, frame))
             return
+        if head == b"-" and self.gather(frame):
+            return
         if head != b"-":
             seq = int(head)
             if seq <= self.seq:
@@ -776,6 +780,24 @@ class SharedRoom(Room):
             self.seq = seq
             self.pending_seq.append(seq)
         self.pending.append(frame)
+
+    def gather(self, frame: bytes) -> bool:
+        """Keep a join or leave notice of a crowded room for the next
+        presence notice, as Room.announce_presence does; each process gathers
+        what the channel brings.  False for any other frame."""
+        if b'"event":"join"' not in frame and b'"event":"leave"' not in frame:
+            return False  # not worth parsing (in a string, a quote is escaped)
+        notice = json.loads(frame)
+        if notice.get("event") not in ("join", "leave"):
+            return False
+        self.total = notice["count"]
+        if self.total <= self.crowd:
+            return False
+        self.unannounced[notice["name"]] = notice["event"] == "join"
+        return True
+
+    def count(self) -> int:
+        return self.total
 
     def resync(self, epoch: str, last_seq: int, frames: list[bytes]) -> None:
         """Take up Redis's state after a (re)subscription.
@@ -867,7 +889,8 @@ class SharedChat(Chat):
     def shared_room(self, room_name: str) -> SharedRoom:
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = SharedRoom(room_name, self.config.history)
+            room = self.rooms[room_name] = SharedRoom(room_name, self.config.history,
+                                                      self.config.crowd)
         return room
 
     def newcomer(self, room: SharedRoom, name: str, address: str) -> Member:

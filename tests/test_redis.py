@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from chatserver import (BROKER_DOWN, Config, Post, Rename, SharedChat, Who, frame_prefix,
@@ -252,6 +253,28 @@ async def test_presence_online_and_who_show_the_whole_room(cluster):
         assert notice["name"] == "bob" and notice["count"] == 2
     other = await join(b.url, "other", name="dave")  # rooms stay apart
     assert other.welcome["online"] == ["dave"]
+
+
+async def test_crowded_rooms_gather_joins_and_leaves_across_processes(cluster):
+    a, b = cluster(2, "--crowd", "2")
+    alice = await join(a.url, "big", name="alice")
+    bob = await join(b.url, "big", name="bob")
+    late = []
+    for url, name in ((a.url, "carol"), (b.url, "dave")):  # past the crowd mark
+        late.append(await connect(f"{url}/big?name={name}"))
+        assert json.loads(await late[-1].recv())["name"] == name  # the welcome
+    for client in (alice, bob):  # each process tells its own: the whole room's count
+        frames = await client.recv_until(
+            lambda f: f.get("event") == "presence" and f["count"] == 4)
+        joined = [name for f in frames if f.get("event") == "presence" for name in f["joined"]]
+        assert sorted(joined) == ["carol", "dave"]
+        assert not [f for f in frames if f.get("event") == "join" and f["count"] > 2]
+    await late[0].close()
+    for client in (alice, bob):
+        notice = await client.expect(event="presence")
+        assert notice["left"] == ["carol"] and notice["joined"] == [] and notice["count"] == 3
+    await bob.send("/who")
+    assert (await bob.expect(event="who"))["online"] == ["alice", "bob", "dave"]
 
 
 async def test_nicknames_are_unique_across_processes(cluster):
