@@ -76,6 +76,7 @@
   const chat = {
     name: null,            // our nickname, as the server last told us
     wanted: settings.name, // the name we ask for when we (re)connect
+    preferred: null,       // the name we chose, if we hold it with a suffix (alice-2)
     key: null,             // the welcome's key: on a reconnect, our name back
     epoch: null,           // the room's seq numbering we have seen...
     lastSeq: 0,            // ...and the last seq shown: resume from here
@@ -325,6 +326,7 @@
         if (str(frame.name)) chat.online.delete(frame.name);
         checkCount(frame.count);
         notice(frame.message, 'leave', frame.ts);
+        if (str(frame.name)) reclaim(frame.name);
         return;
       case 'presence':  // a crowded room's joins and leaves, gathered
         for (const name of Array.isArray(frame.joined) ? frame.joined : []) {
@@ -335,6 +337,9 @@
         }
         checkCount(frame.count);
         notice(frame.message, 'presence', frame.ts);
+        for (const name of Array.isArray(frame.left) ? frame.left : []) {
+          if (str(name)) reclaim(name);
+        }
         return;
       case 'nick':
         if (str(frame.old) && str(frame.name)) {
@@ -342,6 +347,7 @@
           chat.online.add(frame.name);
           if (frame.old === chat.name) becomeNamed(frame.name, frame.name);
           renderOnline();
+          reclaim(frame.old);
         }
         notice(frame.message, 'nick', frame.ts);
         return;
@@ -379,8 +385,8 @@
     // Remember the name asked for if we got it, or it with a suffix (alice-2):
     // not a guest name handed out because it was refused.
     const name = typeof frame.name === 'string' ? frame.name : '?';
-    const asked = chat.wanted;
-    becomeNamed(name, asked && (name === asked || name.startsWith(`${asked}-`)) ? asked : null);
+    const chosen = chat.preferred || chat.wanted;  // alice, when we came back as alice-2
+    becomeNamed(name, chosen && (name === chosen || name.startsWith(`${chosen}-`)) ? chosen : null);
     setOnline(Array.isArray(frame.online) ? frame.online : [chat.name]);
     link.everOnline = true;
     setState('online');
@@ -394,9 +400,23 @@
   function becomeNamed(name, remember) {
     chat.name = name;
     chat.wanted = name;
-    if (remember) savedName.set(remember);
+    if (remember) {
+      savedName.set(remember);
+      chat.preferred = remember;
+    }
     ui.me.textContent = name;
     ui.me.title = `Change your name (now ${name})`;
+  }
+
+  // We got our name with a suffix (alice-2: it was taken, perhaps by our own
+  // connection that the server has not yet found dead): take it back once
+  // it is free. Names are unique regardless of case, as on the server.
+  function reclaim(freed) {
+    const preferred = chat.preferred;
+    if (preferred && chat.name !== preferred && chat.name.startsWith(`${preferred}-`)
+        && freed.toLowerCase() === preferred.toLowerCase()) {
+      sendLine(`/nick ${preferred}`);
+    }
   }
 
   // The connection: connect, get welcomed, and on a drop, retry with

@@ -624,6 +624,22 @@ def test_name_is_remembered_for_the_next_visit(open_page, site, chat_server):
     expect(stranger.me).to_have_text(re.compile(r"^guest-"))
 
 
+def test_a_suffixed_name_is_taken_back_once_it_is_free(open_page, site, chat_server):
+    """With --broker a reconnect cannot use its key, and a page back before
+    its old connection is found dead is erin-2: it becomes erin again when
+    that connection's leave comes. Shown here with two pages."""
+    first = open_page(page_url(site, server=chat_server.url, name="erin"))
+    first.wait_online()
+    second = open_page(page_url(site, server=chat_server.url, name="erin"))
+    second.wait_online()
+    expect(second.me).to_have_text("erin-2")
+    first.page.close()
+    expect(second.notice("erin has left")).to_have_count(1)
+    expect(second.me).to_have_text("erin")
+    expect(second.notice("erin-2 is now known as erin")).to_have_count(1)
+    expect(second.online).to_have_text(["erin"])
+
+
 def test_a_bad_room_name_is_explained_not_dialled(open_page, site):
     page = open_page(page_url(site, server="ws://127.0.0.1:9/", room="no/such room"))
     expect(page.status).to_have_attribute("data-state", "offline")
