@@ -410,6 +410,9 @@ async def test_empty_room_is_forgotten_after_room_ttl(cluster, redis_server):
     bob = await join(a.url, "r", name="bob")  # within the TTL: kept...
     assert bob.welcome["epoch"] == epoch and redis.pttl("chat:r:seq") == -1
     await bob.close()
+    async with asyncio.timeout(5):
+        while redis.pttl("chat:r:seq") < 0:
+            await asyncio.sleep(0.05)
     await asyncio.sleep(1.5)
     carol = await join(a.url, "r", name="carol")  # ...after it: a new room
     assert carol.welcome["epoch"] != epoch and carol.welcome["seq"] == 0
