@@ -74,6 +74,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 NAME_MAX_CHARS = 32
 LOBBY = "lobby"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # what secrets.token_urlsafe gives
 FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
@@ -1009,21 +1010,35 @@ return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE',
 """
 
 # KEYS: seq, epoch, history, names, order, this process's rooms.
-# ARGV: channel, room, epoch, last seq known, then for each candidate name:
-# folded name, member value prefix, join notice prefix.
+# ARGV: channel, room, epoch, last seq known, the key of a welcome (or ""),
+# then for each candidate name: folded name, member value prefix, join notice
+# prefix.  The first candidate may be held by the member with that key: it is
+# taken over (`r PROC KEY NAME` tells its process to close it).
 # Returns {0} if every candidate is taken, else {index of the name taken,
-# epoch, last seq, history, names}.
+# epoch, last seq, history, names, 1 if taken over else 0}.
 LUA_JOIN = LUA_COMMON + """
 local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
-for i = 5, #ARGV, 3 do
-  if redis.call('HEXISTS', KEYS[4], ARGV[i]) == 0 then
+local key = ARGV[5]
+for i = 6, #ARGV, 3 do
+  local held = redis.call('HGET', KEYS[4], ARGV[i])
+  local old = nil
+  if held and i == 6 and key ~= '' and
+      string.find(held, '"key":"' .. key .. '"', 1, true) then
+    old = cjson.decode(held)
+  end
+  if not held or old then
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. redis.call('INCR', KEYS[5]) .. '}')
     keep(ARGV[2])
     redis.call('SADD', KEYS[6], ARGV[2])
     local count = redis.call('HLEN', KEYS[4])
+    if old then
+      redis.call('PUBLISH', ARGV[1], 'r ' .. old.proc .. ' ' .. key .. ' ' .. ARGV[i])
+      redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old.name, count - 1))
+    end
     redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[i + 2] .. count .. '}')
-    return {(i - 2) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
-            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4])}
+    return {(i - 3) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
+            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4]),
+            old and 1 or 0}
   end
 end
 return {0}
@@ -1031,10 +1046,11 @@ return {0}
 
 # KEYS: names, this process's rooms.  ARGV: channel, room, folded name,
 # process, leave notice prefix, room ttl (ms), "1" if the process has no one
-# left in the room.
+# left in the room, the member's key (the name may have been taken over).
 LUA_LEAVE = LUA_COMMON + """
 local value = redis.call('HGET', KEYS[1], ARGV[3])
-if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) then
+if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) and
+    string.find(value, '"key":"' .. ARGV[8] .. '"', 1, true) then
   redis.call('HDEL', KEYS[1], ARGV[3])
   local count = redis.call('HLEN', KEYS[1])
   if count > 0 then
@@ -1225,25 +1241,30 @@ class RedisBroker(LocalBroker):
         room.joining += 1
         try:
             await self.enter(room)
-            name, claim = await self.claim(room, wanted)
-            epoch, last_seq, frames, values = claim
+            key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
+            name, claim = await self.claim(room, wanted, key, ticket.key)
+            epoch, last_seq, frames, values, taken_over = claim
             if epoch.decode() != room.epoch:
                 room.adopt(epoch.decode(), int(last_seq))
+            if taken_over:
+                self.evict(room, fold(name), ticket.key)
             member = chat.newcomer(room, name, ticket.address)
+            member.key = key
         finally:
             room.joining -= 1
             self.publish(room)  # what the fan-out held back
             self.forget_if_empty(room)
         since = ticket.since if ticket.epoch == room.epoch else None
         missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
-        return member, newcomer_frames(member, online_names(values), notes, missed, history)
+        return member, newcomer_frames(member, online_names(values), notes, missed, history,
+                                       member.key)
 
     def leave(self, member: Member) -> None:
         room = member.room
         if room.members.get(fold(member.name)) is not member:
             return
         del room.members[fold(member.name)]
-        self.spawn(self.leave_redis(room, member.name, not room.members))
+        self.spawn(self.leave_redis(room, member.name, member.key, not room.members))
         self.forget_if_empty(room)
 
     async def receive(self, member: Member, line: str) -> Outgoing:
@@ -1285,26 +1306,30 @@ class RedisBroker(LocalBroker):
         old, new = member.name, request.new
         granted = await self.call(
             self.rename_script, self.room_keys(room.name, "names", "order"),
-            [self.channel(room.name), fold(old), fold(new), self.member_value(new),
+            [self.channel(room.name), fold(old), fold(new), self.member_value(new, member.key),
              encode(renamed(room.name, old, new))])
         if not granted:
             return [(member, encode(error(room.name, f"{new} is already taken in {room.name}")))]
         self.chat.renamed(member, new)
         return []
 
-    async def claim(self, room: SharedRoom, wanted: str | None) -> tuple[str, list]:
+    async def claim(self, room: SharedRoom, wanted: str | None, key: str,
+                    taking_over: str | None) -> tuple[str, list]:
         """Claim `wanted` or the first free of its suffixed variants (or a
-        guest name) in Redis, announcing the join.  Returns the name and the
-        room's epoch, last seq, history and names."""
+        guest name) in Redis, announcing the join; `wanted` held by the
+        member whose key is `taking_over` is taken from it.  Returns the name
+        and the room's epoch, last seq, history, names and whether it was
+        taken over."""
         start = 1
         while True:
             if wanted is None:
                 names = [f"guest-{secrets.token_hex(2)}" for _ in range(NAME_CANDIDATES)]
             else:
                 names = name_candidates(wanted, start, NAME_CANDIDATES)
-            args = [self.channel(room.name), room.name, room.epoch, room.seq]
+            args = [self.channel(room.name), room.name, room.epoch, room.seq,
+                    taking_over if start == 1 and taking_over else ""]
             for name in names:
-                args += [fold(name), self.member_value(name),
+                args += [fold(name), self.member_value(name, key),
                          frame_prefix(joined(room.name, name, 0), "count")]
             result = await self.call(
                 self.join_script,
@@ -1314,13 +1339,13 @@ class RedisBroker(LocalBroker):
                 return names[result[0] - 1], result[1:]
             start += NAME_CANDIDATES
 
-    async def leave_redis(self, room: SharedRoom, name: str, last_here: bool) -> None:
+    async def leave_redis(self, room: SharedRoom, name: str, key: str, last_here: bool) -> None:
         try:
             await self.call(
                 self.leave_script, [f"chat:{room.name}:names", self.proc_rooms_key],
                 [self.channel(room.name), room.name, fold(name), self.proc,
                  frame_prefix(left(room.name, name, 0), "count"), self.room_ttl_ms,
-                 int(last_here)])
+                 int(last_here), key])
         except BrokerUnavailable:
             pass  # the reconciliation after reconnecting removes the name
 
@@ -1406,6 +1431,11 @@ class RedisBroker(LocalBroker):
                 room = self.channels.get(channel)
                 if room is not None:
                     head, _, frame = message["data"].partition(b" ")
+                    if head == b"r":
+                        proc, key, folded = frame.decode().split(" ", 2)
+                        if proc == self.proc:
+                            self.evict(room, folded, key)
+                        continue
                     if head != b"-" and not head.isdigit():
                         log.warning("broker: ignoring a foreign message on %r", channel)
                         continue
@@ -1417,6 +1447,17 @@ class RedisBroker(LocalBroker):
                     self.spawn(self.recover())
                 elif channel in self.channels:
                     self.spawn(self.sync(self.channels[channel]))
+
+    def evict(self, room: SharedRoom, folded: str, key: str) -> None:
+        """Close our member `folded` of `room` if `key` is its key: its name
+        went to a new connection (its leave was announced with the take-over)."""
+        member = room.members.get(folded)
+        if member is None or not secrets.compare_digest(member.key.encode(), key.encode()):
+            return
+        del room.members[folded]
+        log.info("replacing %s in %s: it is back on a new connection", member.name, room.name)
+        member.connection.close(CLOSE_REPLACED, "replaced by a new connection")
+        self.forget_if_empty(room)
 
     def lost(self, exc: BaseException) -> None:
         if self.up.is_set():
@@ -1459,7 +1500,7 @@ class RedisBroker(LocalBroker):
         args = [self.channel(room_name), room_name, self.proc, self.room_ttl_ms,
                 room.epoch if room else "", room.seq if room else 0]
         for member in (room.members.values() if room else ()):
-            args += [fold(member.name), self.member_value(member.name)]
+            args += [fold(member.name), self.member_value(member.name, member.key)]
         taken = await self.call(
             self.reconcile_script,
             self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
@@ -1514,8 +1555,8 @@ class RedisBroker(LocalBroker):
     def room_keys(room_name: str, *parts: str) -> list[str]:
         return [f"chat:{room_name}:{part}" for part in parts]
 
-    def member_value(self, name: str) -> bytes:
-        return frame_prefix({"name": name, "proc": self.proc, "n": 0}, "n")
+    def member_value(self, name: str, key: str) -> bytes:
+        return frame_prefix({"name": name, "proc": self.proc, "key": key, "n": 0}, "n")
 
 
 async def connect_redis(url: str):
@@ -1879,8 +1920,9 @@ class ChatServer:
         room = room_from_path(path)
         self.chat.check_room(room)
         params = parse_query(query)
+        key = params.get("key")
         return Ticket(room, params.get("name"), parse_since(params.get("since")),
-                      params.get("epoch"), address, params.get("key"))
+                      params.get("epoch"), address, key if key and KEY.match(key) else None)
 
     def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:

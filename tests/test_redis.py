@@ -16,7 +16,7 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatserver import (BROKER_DOWN, Config, Post, Rename, SharedChat, Who, frame_prefix,
                         history_window, name_candidates)
@@ -275,6 +275,38 @@ async def test_crowded_rooms_gather_joins_and_leaves_across_processes(cluster):
         assert notice["left"] == ["carol"] and notice["joined"] == [] and notice["count"] == 3
     await bob.send("/who")
     assert (await bob.expect(event="who"))["online"] == ["alice", "bob", "dave"]
+
+
+async def closed_with(client) -> int:
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(5):
+            while True:
+                await client.ws.recv()
+    return closed.value.rcvd.code
+
+
+@pytest.mark.parametrize("same_process", [False, True])
+async def test_a_client_back_with_its_key_takes_its_name_on_any_process(cluster, same_process):
+    a, b = cluster(2)
+    alice = await join(a.url, "back", name="alice")  # her network will "drop"
+    bob = await join(b.url, "back", name="bob")
+    key = alice.welcome["key"]
+    stranger = await join(b.url, "back", name="alice", key=bob.welcome["key"])
+    assert stranger.name == "alice-2"  # bob's key is not alice's
+    again = await join((a if same_process else b).url, "back", name="alice", key=key)
+    assert again.name == "alice" and again.welcome["key"] not in (key, bob.welcome["key"])
+    assert sorted(again.welcome["online"]) == ["alice", "alice-2", "bob"]
+    assert await closed_with(alice) == 4000
+    seen = await bob.recv_until(lambda f: f.get("event") == "join" and f["name"] == "alice")
+    assert [(f["event"], f["name"], f["count"]) for f in seen] == [
+        ("join", "alice-2", 3), ("leave", "alice", 2), ("join", "alice", 3)]
+    await bob.send("/who")
+    assert sorted((await bob.expect(event="who"))["online"]) == ["alice", "alice-2", "bob"]
+    late = await join(b.url, "back", name="alice", key=key)  # the old key names no one now
+    assert late.name == "alice-3"
+    await again.close()  # the new connection's leave frees the name
+    assert (await bob.expect(event="leave", name="alice"))["count"] == 3
+    assert (await join(a.url, "back", name="alice")).name == "alice"
 
 
 async def test_nicknames_are_unique_across_processes(cluster):
