@@ -918,6 +918,8 @@ class SharedChat(Chat):
     def renamed(self, member: Member, new: str) -> None:
         """Redis granted `member` the name `new`."""
         members = member.room.members
+        if members.get(fold(member.name)) is not member:
+            return  # taken over by a new connection meanwhile: it is closing
         del members[fold(member.name)]
         member.name = new
         members[fold(new)] = member
@@ -1066,10 +1068,15 @@ return 1
 """
 
 # KEYS: names, order.  ARGV: channel, old folded name, new folded name, new
-# member value prefix, nick notice.  Returns 1, or 0 if the name is taken.
+# member value prefix, nick notice, the member's '"key":"KEY"'.  Returns 1,
+# or 0 if the name is taken.
 LUA_RENAME = """
 if ARGV[3] ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then
   return 0
+end
+local held = redis.call('HGET', KEYS[1], ARGV[2])
+if held and not string.find(held, ARGV[6], 1, true) then
+  return 0  -- the old name was taken over by a new connection meanwhile
 end
 redis.call('HDEL', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. redis.call('INCR', KEYS[2]) .. '}')
@@ -1264,7 +1271,8 @@ class RedisBroker(LocalBroker):
         if room.members.get(fold(member.name)) is not member:
             return
         del room.members[fold(member.name)]
-        self.spawn(self.leave_redis(room, member.name, member.key, not room.members))
+        last_here = not room.members and not room.joining
+        self.spawn(self.leave_redis(room, member.name, member.key, last_here))
         self.forget_if_empty(room)
 
     async def receive(self, member: Member, line: str) -> Outgoing:
@@ -1307,7 +1315,7 @@ class RedisBroker(LocalBroker):
         granted = await self.call(
             self.rename_script, self.room_keys(room.name, "names", "order"),
             [self.channel(room.name), fold(old), fold(new), self.member_value(new, member.key),
-             encode(renamed(room.name, old, new))])
+             encode(renamed(room.name, old, new)), f'"key":"{member.key}"'])
         if not granted:
             return [(member, encode(error(room.name, f"{new} is already taken in {room.name}")))]
         self.chat.renamed(member, new)
@@ -1432,9 +1440,9 @@ class RedisBroker(LocalBroker):
                 if room is not None:
                     head, _, frame = message["data"].partition(b" ")
                     if head == b"r":
-                        proc, key, folded = frame.decode().split(" ", 2)
-                        if proc == self.proc:
-                            self.evict(room, folded, key)
+                        parts = frame.decode(errors="replace").split(" ", 2)
+                        if len(parts) == 3 and parts[0] == self.proc:
+                            self.evict(room, parts[2], parts[1])
                         continue
                     if head != b"-" and not head.isdigit():
                         log.warning("broker: ignoring a foreign message on %r", channel)
@@ -1506,8 +1514,16 @@ class RedisBroker(LocalBroker):
             self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
             + [self.proc_rooms_key], args)
         for folded in taken:
+            # Someone else holds the name now (maybe this client, back on a
+            # new connection): two members of one name must not be.
             log.warning("room %s: %s was taken while the broker was away", room_name,
                         folded.decode())
+            member = room.members.pop(folded.decode(), None) if room else None
+            if member is not None:
+                member.connection.close(CLOSE_TRY_AGAIN, "your name was taken meanwhile; "
+                                                         "connect again")
+        if room is not None:
+            self.forget_if_empty(room)
 
     async def beat(self) -> None:
         while True:
@@ -1821,6 +1837,8 @@ class ChatServer:
                 await client.inbox_ready.wait()
                 continue
             line = client.inbox.popleft()
+            if member.room.members.get(fold(member.name)) is not member:
+                continue  # its name went to a new connection: this one is closing
             self.after_line(client, await self.broker.receive(member, line))
 
     def forget(self, client: Client) -> None:

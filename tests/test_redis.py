@@ -428,6 +428,23 @@ async def test_redis_stopped_and_restarted_mid_chat(cluster, redis_server):
     assert user_frames(carol.backlog) == [(2, "alice", "after")]
 
 
+async def test_a_name_taken_while_redis_was_away_is_not_held_twice(cluster, redis_server):
+    a = cluster(1)
+    alice = await join(a.url, "r", name="alice")
+    redis_server.stop()
+    await asyncio.sleep(0.5)
+    redis_server.start()  # empty, and before chatserver is back someone takes "alice"
+    redis_server.client().hset("chat:r:names", "alice",
+                               '{"name":"alice","proc":"elsewhere","key":"k","n":1}')
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(10):
+            while True:
+                await alice.ws.recv()
+    assert closed.value.rcvd.code == 1013  # connect again: there is a suffix for you
+    again = await join(a.url, "r", name="alice")
+    assert again.name == "alice-2"
+
+
 async def test_empty_room_is_forgotten_after_room_ttl(cluster, redis_server):
     a = cluster(1, "--room-ttl", "1")
     alice = await join(a.url, "r", name="alice")
