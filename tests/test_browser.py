@@ -418,6 +418,7 @@ def test_page_reconnects_by_itself_after_a_server_restart(open_page, site, chat_
     page = open_page(page_url(site, server=chat_server.url, name="alice"))
     page.wait_online()
     page.say("before the restart")
+    expect(page.chat_texts).to_have_text(["before the restart"])  # sent out, not held
 
     chat_server.restart(signal.SIGKILL)  # gone without a goodbye, back on the same port
     expect(page.status).not_to_have_attribute("data-state", "online")
