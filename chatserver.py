@@ -142,13 +142,9 @@ def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
             "ts": now_ms(), **fields}
 
 
-def welcome(room: str, name: str, online: list[str], seq: int, epoch: str,
-            key: str | None = None) -> dict:
-    frame = sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
-                      name=name, online=online, seq=seq, epoch=epoch)
-    if key is not None:
-        frame["key"] = key
-    return frame
+def welcome(room: str, name: str, online: list[str], seq: int, epoch: str, key: str) -> dict:
+    return sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
+                     name=name, online=online, seq=seq, epoch=epoch, key=key)
 
 
 def joined(room: str, name: str, count: int) -> dict:
@@ -254,6 +250,9 @@ class Member:
     # name back on a new connection (a page reconnecting after a drop the
     # server has not noticed yet).
     key: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    def has_key(self, key: str) -> bool:
+        return secrets.compare_digest(self.key.encode(), key.encode())
 
 
 @dataclasses.dataclass(eq=False)
@@ -382,12 +381,12 @@ Outgoing = list[tuple[Member, bytes]]
 
 
 def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed: int,
-                    history: list[bytes], key: str | None = None) -> Outgoing:
+                    history: list[bytes]) -> Outgoing:
     """What a newcomer gets, in order: the welcome, notes about its name, the
     gap notice if some of what it missed is no longer kept, the history."""
     room = member.room
     out = [(member, encode(welcome(room.name, member.name, online, room.delivered_seq,
-                                   room.epoch, key)))]
+                                   room.epoch, member.key)))]
     out += [(member, encode(note)) for note in notes]
     if missed:
         out.append((member, encode(gap(room.name, missed))))
@@ -462,8 +461,7 @@ class Chat:
             since = None  # another epoch: its numbers mean nothing here
         missed, history = room.history_since(since)
         room.announce_presence(name, joining=True)
-        return member, newcomer_frames(member, room.online(), notes, missed, history,
-                                       member.key)
+        return member, newcomer_frames(member, room.online(), notes, missed, history)
 
     def holder(self, room_name: str, name: str | None, key: str | None) -> Member | None:
         """The member who holds `name` in the room, if `key` is its key: a
@@ -472,9 +470,7 @@ class Chat:
         if room is None or name is None or not key:
             return None
         member = room.members.get(fold(unicodedata.normalize("NFC", name)))
-        if member is None or not secrets.compare_digest(member.key.encode(), key.encode()):
-            return None
-        return member
+        return member if member is not None and member.has_key(key) else None
 
     def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
         """The name a newcomer asked for, if it is valid, and notes for it."""
@@ -1068,14 +1064,14 @@ return 1
 """
 
 # KEYS: names, order.  ARGV: channel, old folded name, new folded name, new
-# member value prefix, nick notice, the member's '"key":"KEY"'.  Returns 1,
-# or 0 if the name is taken.
+# member value prefix, nick notice, the member's key.  Returns 1, or 0 if the
+# name is taken.
 LUA_RENAME = """
 if ARGV[3] ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then
   return 0
 end
 local held = redis.call('HGET', KEYS[1], ARGV[2])
-if held and not string.find(held, ARGV[6], 1, true) then
+if held and not string.find(held, '"key":"' .. ARGV[6] .. '"', 1, true) then
   return 0  -- the old name was taken over by a new connection meanwhile
 end
 redis.call('HDEL', KEYS[1], ARGV[2])
@@ -1263,8 +1259,7 @@ class RedisBroker(LocalBroker):
             self.forget_if_empty(room)
         since = ticket.since if ticket.epoch == room.epoch else None
         missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
-        return member, newcomer_frames(member, online_names(values), notes, missed, history,
-                                       member.key)
+        return member, newcomer_frames(member, online_names(values), notes, missed, history)
 
     def leave(self, member: Member) -> None:
         room = member.room
@@ -1315,7 +1310,7 @@ class RedisBroker(LocalBroker):
         granted = await self.call(
             self.rename_script, self.room_keys(room.name, "names", "order"),
             [self.channel(room.name), fold(old), fold(new), self.member_value(new, member.key),
-             encode(renamed(room.name, old, new)), f'"key":"{member.key}"'])
+             encode(renamed(room.name, old, new)), member.key])
         if not granted:
             return [(member, encode(error(room.name, f"{new} is already taken in {room.name}")))]
         self.chat.renamed(member, new)
@@ -1460,7 +1455,7 @@ class RedisBroker(LocalBroker):
         """Close our member `folded` of `room` if `key` is its key: its name
         went to a new connection (its leave was announced with the take-over)."""
         member = room.members.get(folded)
-        if member is None or not secrets.compare_digest(member.key.encode(), key.encode()):
+        if member is None or not member.has_key(key):
             return
         del room.members[folded]
         log.info("replacing %s in %s: it is back on a new connection", member.name, room.name)

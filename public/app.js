@@ -333,13 +333,12 @@
           if (str(name)) chat.online.add(name);
         }
         for (const name of Array.isArray(frame.left) ? frame.left : []) {
-          if (str(name)) chat.online.delete(name);
+          if (!str(name)) continue;
+          chat.online.delete(name);
+          reclaim(name);
         }
         checkCount(frame.count);
         notice(frame.message, 'presence', frame.ts);
-        for (const name of Array.isArray(frame.left) ? frame.left : []) {
-          if (str(name)) reclaim(name);
-        }
         return;
       case 'nick':
         if (str(frame.old) && str(frame.name)) {
