@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,18 +39,20 @@ import time
 import unicodedata
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TypeVar
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-__all__ = ["Config", "Chat", "Room", "Member", "ChatServer", "Client", "listen", "shut_down",
-           "main"]
+__all__ = ["Config", "Chat", "Room", "Member", "Rooms", "MemoryRooms", "ChatServer", "Client",
+           "listen", "shut_down", "main"]
 
 log = logging.getLogger("chatserver")
 protocol_log = logging.getLogger("chatserver.protocol")  # websockets' own messages
+T = TypeVar("T")
 
 
 # Configuration ------------------------------------------------------------
@@ -75,6 +78,9 @@ NAME_MAX_CHARS = 32
 LOBBY = "lobby"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 KEY = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")  # what secrets.token_urlsafe gives
+CID = KEY  # a client's id for one line it typed (acks=1): the same alphabet
+CID_MEMORY_LINES = 1000  # a session remembers at least its last 1,000 acked lines...
+CID_MEMORY_S = 600.0  # ...and all those of the last 10 minutes, and lives that long
 FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
@@ -87,6 +93,7 @@ PRESENCE_NAMES = 20  # names listed in one presence notice
 # 1009 frame too big, 1011 ping timeout).
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # flooding, too slow
+CLOSE_TRY_AGAIN = 1013  # the back-end cannot let anyone in now
 CLOSE_REPLACED = 4000  # the same client came back on a new connection (?key=)
 
 
@@ -194,8 +201,16 @@ def help_frame(room: str) -> dict:
     return sys_frame(room, "help", HELP_TEXT)
 
 
-def error(room: str, message: str) -> dict:
-    return sys_frame(room, "error", message)
+def error(room: str, message: str, cid: str | None = None) -> dict:
+    frame = sys_frame(room, "error", message)
+    if cid is not None:
+        frame["cid"] = cid  # the line it refuses, on an acks=1 connection
+    return frame
+
+
+def ack(room: str, cid: str, seq: int | None) -> dict:
+    """A line is accepted: `seq` of the message it became (None: a command)."""
+    return sys_frame(room, "ack", "", cid=cid, seq=seq)
 
 
 def gap(room: str, missed: int) -> dict:
@@ -217,10 +232,11 @@ def chat(room: str, name: str, text: str, seq: int, action: bool = False) -> dic
 
 # Chat logic (no I/O) ------------------------------------------------------
 #
-# `Chat` holds the rooms and turns what clients do (join, send a line, leave)
-# into frames.  Frames for one member are returned to the caller; frames for a
-# whole room are queued on the room (`Room.pending`) for the fan-out to send,
-# so that several messages can go out in one write per client.
+# `Chat` holds this process's rooms and the rules of the chat: who may take
+# which name, what a line means (`decide`), flood control.  Frames for one
+# member are returned to the caller; frames for a whole room are queued on the
+# room (`Room.pending`) for the fan-out to send, so that several messages can
+# go out in one write per client.
 
 
 class Refused(Exception):
@@ -248,11 +264,18 @@ class Member:
     close_with: tuple[int, str] | None = None  # set when the member must go
     # The secret in this member's welcome: whoever shows it may take the
     # name back on a new connection (a page reconnecting after a drop the
-    # server has not noticed yet).
+    # server has not noticed yet), and its session goes on.
     key: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
+    # The session this connection belongs to: the one whose acked lines it
+    # shares (never sent to a client).
+    session: str = ""
 
     def has_key(self, key: str) -> bool:
         return secrets.compare_digest(self.key.encode(), key.encode())
+
+    def is_here(self) -> bool:
+        """Still in its room (not replaced by a new connection)?"""
+        return self.room.members.get(fold(self.name)) is self
 
 
 @dataclasses.dataclass(eq=False)
@@ -270,6 +293,7 @@ class Room:
     pending: list[bytes] = dataclasses.field(default_factory=list)  # room frames not yet sent
     pending_seq: list[int] = dataclasses.field(default_factory=list)
     empty_since: float | None = None
+    joining: int = 0  # newcomers being let in: the fan-out waits for them
     # Joins and leaves of a crowded room not yet announced: name -> here now
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
@@ -293,17 +317,22 @@ class Room:
         return name
 
     def announce_presence(self, name: str, joining: bool) -> None:
-        """A join or leave notice; in a crowded room, gathered for later.
+        """A join or leave notice, or, in a crowded room, kept for later."""
+        if not self.gather_presence(name, joining, len(self.members)):
+            notice = joined if joining else left
+            self.announce(notice(self.name, name, len(self.members)))
+
+    def gather_presence(self, name: str, joining: bool, count: int) -> bool:
+        """Keep a join or leave for the next presence notice if the room has
+        more than --crowd members (`count`); False if it should go out now.
 
         Each notice goes to every member, so a storm of N joins would cost
         N*N frames; past --crowd members they go out as one `presence`
-        notice a second instead (see `take_presence`).
-        """
-        if len(self.members) > self.crowd:
-            self.unannounced[name] = joining
-        else:
-            notice = joined if joining else left
-            self.announce(notice(self.name, name, len(self.members)))
+        notice a second instead (see `take_presence`)."""
+        if count <= self.crowd:
+            return False
+        self.unannounced[name] = joining
+        return True
 
     def take_presence(self) -> None:
         """Announce the gathered joins and leaves, if any, as one notice,
@@ -322,13 +351,14 @@ class Room:
         """Queue a frame for everyone in the room."""
         self.pending.append(encode(frame))
 
-    def post(self, name: str, text: str, action: bool = False) -> None:
+    def post(self, name: str, text: str, action: bool = False) -> int:
         """Number a chat message, keep it in history, queue it for everyone."""
         self.seq += 1
         data = encode(chat(self.name, name, text, self.seq, action))
         self.history.append((self.seq, data))
         self.pending.append(data)
         self.pending_seq.append(self.seq)
+        return self.seq
 
     def take_pending(self) -> list[bytes]:
         """Hand the queued frames to the fan-out."""
@@ -377,6 +407,29 @@ def text_problem(text: str, max_chars: int) -> str | None:
     return None
 
 
+ACKED_FRAME = 'on an acks=1 connection each frame is {"cid": ID, "line": TEXT}, ' \
+              'ID being 1 to 64 characters of A-Z a-z 0-9 _ -'
+
+
+def unwrap(text: str) -> tuple[str | None, str | None, str | None]:
+    """(cid, line, problem) of a frame from an acks=1 connection.
+
+    A frame that is not `{"cid": ID, "line": TEXT}` has a problem, and its
+    cid if one can be read, so that the refusal can name it."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        return None, None, ACKED_FRAME
+    if not isinstance(frame, dict):
+        return None, None, ACKED_FRAME
+    cid, line = frame.get("cid"), frame.get("line")
+    if not isinstance(cid, str) or not CID.match(cid):
+        return None, None, ACKED_FRAME
+    if not isinstance(line, str):
+        return cid, None, ACKED_FRAME
+    return cid, line, None
+
+
 Outgoing = list[tuple[Member, bytes]]
 
 
@@ -394,6 +447,79 @@ def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed
     return out
 
 
+# What a line asks for, as `Chat.decide` reads it; the back-end carries it out.
+
+
+@dataclasses.dataclass
+class Post:
+    """A chat message (or a /me action) for the whole room."""
+
+    text: str
+    action: bool = False
+
+
+@dataclasses.dataclass
+class Rename:
+    new: str
+
+
+@dataclasses.dataclass
+class Who:
+    pass
+
+
+@dataclasses.dataclass
+class Reply:
+    """An answer for the sender alone, known at once (/help)."""
+
+    frame: dict
+
+
+@dataclasses.dataclass
+class Refuse:
+    """The line is not carried out.  `shown`: a plain client is told (a
+    flood's refusals are shown at most once a second)."""
+
+    message: str
+    shown: bool = True
+
+
+Decision = Post | Rename | Who | Reply | Refuse | None  # None: nothing to do
+
+
+@dataclasses.dataclass(frozen=True)
+class Acked:
+    """A remembered line: accepted as the message `seq` (None: a command)."""
+
+    seq: int | None
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """The acked lines of one session, as an in-memory back-end keeps them:
+    at least the last CID_MEMORY_LINES, and all those of the last
+    CID_MEMORY_S seconds.  A session is forgotten CID_MEMORY_S after its
+    last connection left."""
+
+    lines: collections.OrderedDict[str, tuple[int | None, float]] = dataclasses.field(
+        default_factory=collections.OrderedDict)  # cid -> (seq, when)
+    connections: int = 0
+    left_at: float = 0.0
+
+    def recall(self, cid: str) -> Acked | None:
+        line = self.lines.get(cid)
+        return None if line is None else Acked(line[0])
+
+    def remember(self, cid: str, seq: int | None, now: float) -> None:
+        self.lines[cid] = (seq, now)
+        self.lines.move_to_end(cid)
+        while len(self.lines) > CID_MEMORY_LINES:
+            _, (_, when) = next(iter(self.lines.items()))
+            if now - when < CID_MEMORY_S:
+                break
+            self.lines.popitem(last=False)
+
+
 class Chat:
     """All rooms of one server and the rules of the chat.  No I/O here."""
 
@@ -401,6 +527,7 @@ class Chat:
         self.config = config
         self.clock = clock
         self.rooms: dict[str, Room] = {}
+        self.sessions: dict[str, Session] = {}  # by key (in memory, one key a session)
 
     # Rooms
 
@@ -412,6 +539,7 @@ class Chat:
             raise Refused(503, "too many rooms on this server; try again later")
 
     def open_room(self, room_name: str) -> Room:
+        self.forget_if_expired(room_name)
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.config.history,
@@ -438,23 +566,31 @@ class Chat:
                 self.clock() - room.empty_since >= self.config.room_ttl:
             del self.rooms[room_name]
 
-    # What clients do
+    def forget_idle_sessions(self) -> None:
+        now = self.clock()
+        for key, session in list(self.sessions.items()):
+            if not session.connections and now - session.left_at >= CID_MEMORY_S:
+                del self.sessions[key]
+
+    # What clients do, in this process's memory
 
     def join(self, room_name: str, wanted: str | None = None, since: int | None = None,
              epoch: str | None = None, address: str = "",
              key: str | None = None) -> tuple[Member, Outgoing]:
         """Add a newcomer: its welcome, what it missed, and a join notice.
 
-        `key`: the key of the member it replaces (see `holder`); it keeps it,
-        so a reconnect whose welcome is lost can still use it."""
-        self.forget_if_expired(room_name)
+        `key`: a key from an earlier welcome: the newcomer goes on with that
+        session, and keeps the key (so a reconnect whose welcome was lost can
+        still use it)."""
         room = self.open_room(room_name)
         wanted, notes = self.newcomer_name(room_name, wanted)
         name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
                         refilled_at=self.clock())
-        if key:
+        if key and key in self.sessions:
             member.key = key
+        member.session = member.key
+        self.sessions.setdefault(member.key, Session()).connections += 1
         room.members[fold(name)] = member
 
         if epoch != room.epoch:
@@ -483,67 +619,83 @@ class Chat:
                                            "you are a guest")]
         return wanted, []
 
-    def leave(self, member: Member) -> None:
+    def leave(self, member: Member, replaced: bool = False) -> None:
+        """`member` is gone (`replaced`: by a new connection, which takes its
+        place at once, so the room is not empty even if it was the last)."""
         room = member.room
-        if room.members.get(fold(member.name)) is not member:
+        if not member.is_here():
             return
         del room.members[fold(member.name)]
-        if room.members:
+        session = self.sessions.get(member.session)
+        if session is not None:
+            session.connections -= 1
+            session.left_at = self.clock()
+        if room.members or replaced:
             room.announce_presence(member.name, joining=False)
         else:
             room.empty_since = self.clock()
 
-    def receive(self, member: Member, line: str) -> Outgoing:
-        """Handle one text line from `member`."""
-        room = member.room
-        if not self.admit(member):
-            return self.flood_answer(member)
-        if not line.strip():
-            return []  # blank lines are ignored
-        problem = text_problem(line, self.config.max_chars)
-        if problem:
-            return [(member, encode(error(room.name, problem)))]
-        if line.startswith("//"):
-            line = line[1:]
-        elif line.startswith("/"):
-            return self.command(member, line)
-        room.post(member.name, line)
-        return []
+    def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        seq = member.room.post(member.name, text, action)
+        if cid is not None:
+            self.remember(member, cid, seq)
+        return seq
 
-    def command(self, member: Member, line: str) -> Outgoing:
+    def rename(self, member: Member, new: str) -> str | None:
+        """Rename `member` to `new`, or say why not."""
         room = member.room
-        verb, _, argument = line.partition(" ")
-        verb, argument = verb.lower(), argument.strip()
-        if verb == "/nick":
-            return self.rename(member, argument)
-        if verb == "/me":
-            if not argument:
-                return [(member, encode(error(room.name, "usage: /me ACTION")))]
-            room.post(member.name, argument, action=True)
-            return []
-        if verb == "/who":
-            return [(member, encode(who(room.name, room.online())))]
-        if verb == "/help":
-            return [(member, encode(help_frame(room.name)))]
-        return [(member, encode(error(room.name, f"unknown command {verb[:40]}; "
-                                      "try /help (start with // to send a literal /)")))]
-
-    def rename(self, member: Member, new: str) -> Outgoing:
-        room = member.room
-        new = unicodedata.normalize("NFC", new)
-        problem = "usage: /nick NAME" if not new else name_problem(new)
-        if problem is None and new == member.name:
-            problem = f"you are already {new}"
-        elif problem is None and room.has_name(new) and fold(new) != fold(member.name):
-            problem = f"{new} is already taken in {room.name}"
-        if problem:
-            return [(member, encode(error(room.name, problem)))]
+        if room.has_name(new) and fold(new) != fold(member.name):
+            return f"{new} is already taken in {room.name}"
         old = member.name
         del room.members[fold(old)]
         member.name = new
         room.members[fold(new)] = member
         room.announce(renamed(room.name, old, new))
-        return []
+        return None
+
+    def recall(self, member: Member, cid: str) -> Acked | None:
+        session = self.sessions.get(member.session)
+        return session.recall(cid) if session else None
+
+    def remember(self, member: Member, cid: str, seq: int | None) -> None:
+        session = self.sessions.get(member.session)
+        if session is not None:
+            session.remember(cid, seq, self.clock())
+
+    # What a line means: the same rules for every back-end
+
+    def decide(self, member: Member, line: str) -> Decision:
+        """What one text line from `member` asks for."""
+        if not self.admit(member):
+            return self.flood_answer(member)
+        if not line.strip():
+            return None  # blank lines are ignored
+        problem = text_problem(line, self.config.max_chars)
+        if problem:
+            return Refuse(problem)
+        if line.startswith("//"):
+            return Post(line[1:])
+        if line.startswith("/"):
+            return self.command(member, line)
+        return Post(line)
+
+    def command(self, member: Member, line: str) -> Decision:
+        verb, _, argument = line.partition(" ")
+        verb, argument = verb.lower(), argument.strip()
+        if verb == "/nick":
+            new = unicodedata.normalize("NFC", argument)
+            problem = "usage: /nick NAME" if not new else name_problem(new)
+            if problem is None and new == member.name:
+                problem = f"you are already {new}"
+            return Refuse(problem) if problem else Rename(new)
+        if verb == "/me":
+            return Post(argument, action=True) if argument else Refuse("usage: /me ACTION")
+        if verb == "/who":
+            return Who()
+        if verb == "/help":
+            return Reply(help_frame(member.room.name))
+        return Refuse(f"unknown command {verb[:40]}; try /help (start with // to send a "
+                      "literal /)")
 
     # Flood control: a token bucket per member.
 
@@ -564,20 +716,19 @@ class Chat:
         member.rejected_at = now
         return False
 
-    def flood_answer(self, member: Member) -> Outgoing:
+    def flood_answer(self, member: Member) -> Refuse:
         """What a line over the rate limit gets: an error now and then, and
         after --flood-close seconds of flooding, the door."""
         now = self.clock()
+        message = (f"slow down: at most {self.config.rate:g} messages a second; "
+                   "lines over the limit are not sent")
         if now - member.flooding_since >= self.config.flood_close:
             member.close_with = (CLOSE_POLICY, "flooding")
-            return []
+            return Refuse(message, shown=False)
         if now - member.flood_error_at < FLOOD_ERROR_INTERVAL_S:
-            return []
+            return Refuse(message, shown=False)
         member.flood_error_at = now
-        return [(member, encode(error(
-            member.room.name,
-            f"slow down: at most {self.config.rate:g} messages a second; "
-            "lines over the limit are not sent")))]
+        return Refuse(message)
 
 
 # Fan-out ------------------------------------------------------------------
@@ -587,6 +738,7 @@ class Chat:
 # of the event loop go out together, one write per member, which is what
 # keeps the cost per delivery low under load.  Frames are never compressed
 # (permessage-deflate is not negotiated), so every member can share them.
+# Every back-end sends through this one fan-out.
 
 
 def frame_text(data: bytes) -> bytes:
@@ -611,33 +763,17 @@ class Metrics:
         self.refused: collections.Counter[int] = collections.Counter()
 
 
-class LocalBroker:
-    """Fan-out within this process: each room's queued frames to its members.
+class Fanout:
+    """Sends each room's queued frames to its members: batched by
+    --batch-window, with a crowded room's joins and leaves gathered into one
+    presence notice a second, and held while a newcomer is let in."""
 
-    The seam the connection handler uses: `start`, `publish`, `leave`,
-    `close`; the Redis broker adds `join` and `receive`, which wait for Redis
-    (`shared` says so), where this one lets `Chat` answer at once.
-    """
-
-    shared = False  # True: joins and lines wait for another server (Redis)
-
-    def __init__(self, chat: Chat, config: Config, metrics: Metrics) -> None:
-        self.chat = chat
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.batch_window = config.batch_window / 1000
         self.sent_at: weakref.WeakKeyDictionary[Room, float] = weakref.WeakKeyDictionary()
         self.scheduled: dict[Room, asyncio.Handle] = {}  # rooms with a flush to come
         self.presence_scheduled: set[Room] = set()
-
-    async def start(self) -> None:
-        """Nothing to connect to: rooms live in this process."""
-
-    async def close(self) -> None:
-        """Nothing to disconnect."""
-
-    def leave(self, member: Member) -> None:
-        self.chat.leave(member)
-        self.publish(member.room)
 
     def publish(self, room: Room) -> None:
         """Send what `room` has queued, at the end of this event loop turn,
@@ -653,6 +789,20 @@ class LocalBroker:
             self.presence_scheduled.add(room)
             loop.call_later(PRESENCE_INTERVAL_S, self.flush_presence, room)
 
+    @contextlib.contextmanager
+    def joining(self, room: Room) -> Iterator[None]:
+        """Let a newcomer in.  What the room held back before it goes out
+        first: it is not for the newcomer, who gets the history instead.
+        What comes meanwhile waits (the newcomer's history is read up to the
+        room's delivered seq) and goes out once it is a member, to it too."""
+        self.flush(room)
+        room.joining += 1
+        try:
+            yield
+        finally:
+            room.joining -= 1
+            self.publish(room)
+
     def flush_presence(self, room: Room) -> None:
         self.presence_scheduled.discard(room)
         room.take_presence()
@@ -665,6 +815,8 @@ class LocalBroker:
 
     def flush(self, room: Room) -> None:
         self.unschedule(room)
+        if room.joining:
+            return  # `joining` publishes when the newcomer is in
         frames = room.take_pending()
         if not frames:
             return
@@ -679,929 +831,184 @@ class LocalBroker:
         self.metrics.frames_delivered += len(frames) * len(room.members)
 
 
-# Scale-out over Redis -----------------------------------------------------
+# Where rooms live: the back-end seam --------------------------------------
 #
-# With --broker redis://HOST:PORT/DB, processes that share a Redis server act
-# as one chat server.  Redis holds what every process must agree on, per room:
-#
-#   chat:ROOM:seq      the last seq given out (INCR)
-#   chat:ROOM:epoch    the room's epoch
-#   chat:ROOM:history  the last --history chat frames, as sent (a list)
-#   chat:ROOM:names    who is in the room: folded name -> {"name","proc","n"}
-#   chat:ROOM:order    a counter that orders `names` as a process would
-#   channel chat:DB:ROOM   every frame for the room, to every process in it
-#
-# and per process: chat:proc:ID (a heartbeat key with a short TTL),
-# chat:proc:ID:rooms (where it has members) and the set chat:procs.  Channel
-# names carry the DB number because Redis channels are server-wide.
-#
-# Each change is one Lua script, atomic in Redis: posting a line numbers it,
-# keeps it and publishes it, so the order of the channel is the order of seq.
-# A process subscribes to a room's channel while it has members there, and
-# every process fans out what the channel brings with the LocalBroker's code.
-# The sans-I/O rules still decide what a line means (`SharedChat`); what
-# needs the shared state is left as a request for the broker to carry out.
-
-REDIS_TIMEOUT_S = 2.0  # a Redis command that takes longer has failed
-REDIS_CONNECTIONS = 32  # per process, the subscriber's included
-HEARTBEAT_INTERVAL_S = 2.0
-HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
-RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
-RECONNECT_MAX_S = 3.0  # ...doubling up to this
-NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
-BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
-CLOSE_TRY_AGAIN = 1013
+# The connection layer sees the rooms through `Rooms`: join, post a line,
+# rename, who, leave, and the memory of acked lines.  `Rooms.receive` turns a
+# line into those calls, once for every back-end: the chat rules (`Chat`),
+# acks and idempotent resends live here, above the seam.  Back-ends:
+# `MemoryRooms` below; `RedisRooms` in chatserver_redis.py (--broker),
+# imported only when asked for.
 
 
-class BrokerUnavailable(Exception):
-    """Redis cannot be reached: at start, or for one operation while running."""
+class Unavailable(Exception):
+    """The back-end cannot take this request now (Redis away, disk full):
+    the client gets an error, or, while joining, a close with 1013."""
 
 
-@dataclasses.dataclass
-class Post:
-    """A chat line to number, keep and publish."""
+class Rooms:
+    """What the connection layer needs from where rooms live.
 
-    name: str
-    text: str
-    action: bool = False
-
-
-@dataclasses.dataclass
-class Rename:
-    member: Member
-    new: str
-
-
-@dataclasses.dataclass
-class Who:
-    member: Member
-
-
-Errand = Post | Rename | Who  # what SharedChat leaves for the broker to do
-
-
-@dataclasses.dataclass(eq=False)
-class SharedRoom(Room):
-    """A room whose numbering, history and names live in Redis.
-
-    Locally it holds this process's members and the frames the room's channel
-    brought: `seq` is the last seq received, and frames at or below it are
-    duplicates.  Until the room is synced with Redis (after each subscription),
-    what the channel brings waits in `early`.
+    `waits` is False for a back-end whose coroutines never wait (in memory):
+    the connection layer then runs them to their end at once (`run_now`),
+    with no task per client.  Otherwise each client gets a task that takes
+    its lines in order.  Every frame to a room goes out through `fanout`.
     """
 
-    requests: list[Errand] = dataclasses.field(default_factory=list)
-    joining: int = 0  # newcomers being let in: the fan-out waits for them
-    synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    ever_synced: bool = False
-    early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
-    total: int = 0  # members on every process, as the last join or leave said
+    waits = True
 
-    def post(self, name: str, text: str, action: bool = False) -> None:
-        self.requests.append(Post(name, text, action))
-
-    def published(self, head: bytes, frame: bytes) -> None:
-        """Queue a frame from the room's channel for the fan-out.
-
-        `head` is the frame's seq for a chat message, b"-" for a notice.
-        """
-        if not self.synced.is_set():
-            self.early.append((head, frame))
-            return
-        if head == b"-" and self.gather(frame):
-            return
-        if head != b"-":
-            seq = int(head)
-            if seq <= self.seq:
-                return  # known from the sync point: in Redis's history
-            self.seq = seq
-            self.pending_seq.append(seq)
-        self.pending.append(frame)
-
-    def gather(self, frame: bytes) -> bool:
-        """Keep a join or leave notice of a crowded room for the next
-        presence notice, as Room.announce_presence does; each process gathers
-        what the channel brings.  False for any other frame."""
-        if b'"event":"join"' not in frame and b'"event":"leave"' not in frame:
-            return False  # not worth parsing (in a string, a quote is escaped)
-        notice = json.loads(frame)
-        if notice.get("event") not in ("join", "leave"):
-            return False
-        self.total = notice["count"]
-        if self.total <= self.crowd:
-            return False
-        self.unannounced[notice["name"]] = notice["event"] == "join"
-        return True
-
-    def count(self) -> int:
-        return self.total
-
-    def resync(self, epoch: str, last_seq: int, frames: list[bytes]) -> None:
-        """Take up Redis's state after a (re)subscription.
-
-        The first time, the room starts at Redis's last seq.  After a
-        reconnection, messages of the same epoch missed meanwhile are queued
-        from the history; another epoch is taken as it is.
-        """
-        if self.ever_synced and epoch == self.epoch:
-            first = last_seq - len(frames) + 1
-            for seq, data in enumerate(frames, first):
-                if seq > self.seq:
-                    self.pending.append(data)
-                    self.pending_seq.append(seq)
-            self.seq = max(self.seq, last_seq)
-        else:
-            self.adopt(epoch, last_seq)
-        self.ever_synced = True
-        self.synced.set()
-        early, self.early = self.early, []
-        for head, frame in early:
-            if head != b"-" or self.members:
-                self.published(head, frame)
-
-    def adopt(self, epoch: str, last_seq: int) -> None:
-        """Start over at `last_seq` of `epoch`."""
-        self.epoch = epoch
-        self.seq = self.delivered_seq = last_seq
-        self.pending_seq = []
-        if not self.members:
-            self.pending = []
-
-
-def history_window(last_seq: int, frames: list[bytes], delivered: int,
-                   since: int | None) -> tuple[int, list[bytes]]:
-    """Room.history_since for a history read from Redis.
-
-    `frames` hold consecutive seqs ending at `last_seq`; only those up to
-    `delivered` are returned (later ones reach the newcomer by the fan-out).
-    """
-    first = last_seq - len(frames) + 1
-    start = 0 if since is None else since
-    kept = [data for seq, data in enumerate(frames, first) if start < seq <= delivered]
-    oldest = first if frames else delivered + 1
-    missed = max(0, min(oldest, delivered + 1) - start - 1)
-    return (missed if since is not None else 0), kept
-
-
-def frame_prefix(frame: dict, last: str) -> bytes:
-    """`frame` encoded up to the value of its field `last`, which Redis fills
-    in: prefix + value + b"}" is the whole frame."""
-    head = {key: value for key, value in frame.items() if key != last}
-    return encode(head)[:-1] + b',"' + last.encode() + b'":'
-
-
-def name_candidates(wanted: str, start: int, count: int) -> list[str]:
-    """`wanted`, `wanted-2`, `wanted-3`... as Room.unique_name tries them,
-    from the `start`th (1 is `wanted` itself)."""
-    names = []
-    for n in range(start, start + count):
-        suffix = "" if n == 1 else f"-{n}"
-        names.append(wanted[: NAME_MAX_CHARS - len(suffix)] + suffix)
-    return names
-
-
-def online_names(values: list[bytes]) -> list[str]:
-    """The names of a room's `names` hash, in the order they came."""
-    entries = [json.loads(value) for value in values]
-    return [entry["name"] for entry in sorted(entries, key=lambda entry: entry["n"])]
-
-
-class SharedChat(Chat):
-    """The chat rules for rooms shared through Redis.  Still no I/O.
-
-    Posting, renaming and /who need the shared state: they are left in
-    `room.requests` for the broker to carry out, in order, after each line.
-    """
-
-    def __init__(self, config: Config = Config(), clock: Callable[[], float] = time.monotonic):
-        super().__init__(config, clock)
-        self.broker_up = False
-
-    def check_room(self, room_name: str) -> None:
-        if not self.broker_up:
-            raise Refused(503, "chat is unavailable: the message broker is down; "
-                               "try again soon")
-        super().check_room(room_name)
-
-    def shared_room(self, room_name: str) -> SharedRoom:
-        room = self.rooms.get(room_name)
-        if room is None:
-            room = self.rooms[room_name] = SharedRoom(room_name, self.config.history,
-                                                      self.config.crowd)
-        return room
-
-    def newcomer(self, room: SharedRoom, name: str, address: str) -> Member:
-        member = Member(name, room, address, tokens=self.config.burst, refilled_at=self.clock())
-        room.members[fold(name)] = member
-        return member
-
-    def command(self, member: Member, line: str) -> Outgoing:
-        if line.partition(" ")[0].lower() == "/who":
-            member.room.requests.append(Who(member))
-            return []
-        return super().command(member, line)
-
-    def rename(self, member: Member, new: str) -> Outgoing:
-        new = unicodedata.normalize("NFC", new)
-        problem = "usage: /nick NAME" if not new else name_problem(new)
-        if problem is None and new == member.name:
-            problem = f"you are already {new}"
-        if problem:
-            return [(member, encode(error(member.room.name, problem)))]
-        member.room.requests.append(Rename(member, new))
-        return []
-
-    def renamed(self, member: Member, new: str) -> None:
-        """Redis granted `member` the name `new`."""
-        members = member.room.members
-        if members.get(fold(member.name)) is not member:
-            return  # taken over by a new connection meanwhile: it is closing
-        del members[fold(member.name)]
-        member.name = new
-        members[fold(new)] = member
-
-
-# The Lua scripts.  Keys are passed in KEYS where the script knows them in
-# advance; the sweep finds rooms as it goes (fine on a single Redis server).
-
-LUA_COMMON = """
-local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
-  -- The room's epoch, created as `epoch` if Redis has none (a new room, or
-  -- Redis lost its data): then its numbering resumes after `floor`, the
-  -- last seq the caller knows, so that its clients see no step back.
-  local current = redis.call('GET', epoch_key)
-  if not current then
-    current = epoch
-    if ttl then
-      redis.call('SET', epoch_key, epoch, 'PX', ttl)
-    else
-      redis.call('SET', epoch_key, epoch)
-    end
-    if tonumber(redis.call('GET', seq_key) or '0') < floor then
-      redis.call('SET', seq_key, floor)
-      redis.call('DEL', history_key)
-    end
-  end
-  return current
-end
-
-local function room_key(room, what)
-  return 'chat:' .. room .. ':' .. what
-end
-
-local function forget_later(room, ttl)
-  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
-    redis.call('PEXPIRE', room_key(room, what), ttl)
-  end
-end
-
-local function keep(room)
-  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
-    redis.call('PERSIST', room_key(room, what))
-  end
-end
-
-local function leave_notice(room, name, count)
-  -- The `leave` frame of chatserver.left(), for names whose process died.
-  local now = redis.call('TIME')
-  local ts = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
-  return '- {"type":"sys","event":"leave","room":' .. cjson.encode(room) ..
-    ',"message":' .. cjson.encode(name .. ' has left') .. ',"ts":' .. ts ..
-    ',"name":' .. cjson.encode(name) .. ',"count":' .. count .. '}'
-end
-
-local function remove_names(room, channel, proc, except)
-  -- Remove the names `proc` holds in `room` (but those in `except`), each
-  -- with its leave notice; forget the room later if it is empty now.
-  local names_key = room_key(room, 'names')
-  local marker = '"proc":"' .. proc .. '"'
-  local values = redis.call('HGETALL', names_key)
-  for i = 1, #values, 2 do
-    if not except[values[i]] and string.find(values[i + 1], marker, 1, true) then
-      redis.call('HDEL', names_key, values[i])
-      local count = redis.call('HLEN', names_key)
-      if count > 0 then
-        redis.call('PUBLISH', channel, leave_notice(room, cjson.decode(values[i + 1]).name, count))
-      end
-    end
-  end
-end
-"""
-
-# KEYS: seq, epoch, history.  ARGV: channel, frame prefix, history limit,
-# epoch, last seq known.  Returns {seq, epoch}.
-LUA_POST = LUA_COMMON + """
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]), nil)
-local seq = redis.call('INCR', KEYS[1])
-local frame = ARGV[2] .. seq .. '}'
-redis.call('RPUSH', KEYS[3], frame)
-redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
-return {seq, epoch}
-"""
-
-# KEYS: seq, epoch, history.  ARGV: epoch, last seq known, room ttl (ms).
-# Returns {epoch, last seq, history}.
-LUA_SYNC = LUA_COMMON + """
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])
-return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
-"""
-
-# KEYS: seq, epoch, history, names, order, this process's rooms.
-# ARGV: channel, room, epoch, last seq known, the key of a welcome (or ""),
-# then for each candidate name: folded name, member value prefix, join notice
-# prefix.  The first candidate may be held by the member with that key: it is
-# taken over (`r PROC KEY NAME` tells its process to close it).
-# Returns {0} if every candidate is taken, else {index of the name taken,
-# epoch, last seq, history, names, 1 if taken over else 0}.
-LUA_JOIN = LUA_COMMON + """
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
-local key = ARGV[5]
-for i = 6, #ARGV, 3 do
-  local held = redis.call('HGET', KEYS[4], ARGV[i])
-  local old = nil
-  if held and i == 6 and key ~= '' and
-      string.find(held, '"key":"' .. key .. '"', 1, true) then
-    old = cjson.decode(held)
-  end
-  if not held or old then
-    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. redis.call('INCR', KEYS[5]) .. '}')
-    keep(ARGV[2])
-    redis.call('SADD', KEYS[6], ARGV[2])
-    local count = redis.call('HLEN', KEYS[4])
-    if old then
-      redis.call('PUBLISH', ARGV[1], 'r ' .. old.proc .. ' ' .. key .. ' ' .. ARGV[i])
-      redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old.name, count - 1))
-    end
-    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[i + 2] .. count .. '}')
-    return {(i - 3) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
-            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4]),
-            old and 1 or 0}
-  end
-end
-return {0}
-"""
-
-# KEYS: names, this process's rooms.  ARGV: channel, room, folded name,
-# process, leave notice prefix, room ttl (ms), "1" if the process has no one
-# left in the room, the member's key (the name may have been taken over).
-LUA_LEAVE = LUA_COMMON + """
-local value = redis.call('HGET', KEYS[1], ARGV[3])
-if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) and
-    string.find(value, '"key":"' .. ARGV[8] .. '"', 1, true) then
-  redis.call('HDEL', KEYS[1], ARGV[3])
-  local count = redis.call('HLEN', KEYS[1])
-  if count > 0 then
-    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5] .. count .. '}')
-  else
-    forget_later(ARGV[2], ARGV[6])
-  end
-end
-if ARGV[7] == '1' then
-  redis.call('SREM', KEYS[2], ARGV[2])
-end
-return 1
-"""
-
-# KEYS: names, order.  ARGV: channel, old folded name, new folded name, new
-# member value prefix, nick notice, the member's key.  Returns 1, or 0 if the
-# name is taken.
-LUA_RENAME = """
-if ARGV[3] ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then
-  return 0
-end
-local held = redis.call('HGET', KEYS[1], ARGV[2])
-if held and not string.find(held, '"key":"' .. ARGV[6] .. '"', 1, true) then
-  return 0  -- the old name was taken over by a new connection meanwhile
-end
-redis.call('HDEL', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. redis.call('INCR', KEYS[2]) .. '}')
-redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5])
-return 1
-"""
-
-# Make the names a process holds in a room exactly its members there: after
-# Redis came back (maybe empty), or after the process was taken for dead.
-# Re-registered names are not announced: the others never saw them go.
-# KEYS: seq, epoch, history, names, order, this process's rooms.
-# ARGV: channel, room, process, room ttl (ms), epoch ("" if none), last seq
-# known, then for each member: folded name, member value prefix.
-# Returns the folded names someone else took meanwhile.
-LUA_RECONCILE = LUA_COMMON + """
-local mine = {}
-for i = 7, #ARGV, 2 do mine[ARGV[i]] = ARGV[i + 1] end
-remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
-local taken = {}
-for folded, prefix in pairs(mine) do
-  local value = redis.call('HGET', KEYS[4], folded)
-  if not value then
-    redis.call('HSET', KEYS[4], folded, prefix .. redis.call('INCR', KEYS[5]) .. '}')
-  elseif not string.find(value, '"proc":"' .. ARGV[3] .. '"', 1, true) then
-    table.insert(taken, folded)
-  end
-end
-if redis.call('HLEN', KEYS[4]) > 0 then
-  if ARGV[5] ~= '' then
-    ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil)
-  end
-  keep(ARGV[2])
-else
-  forget_later(ARGV[2], ARGV[4])
-end
-if next(mine) then
-  redis.call('SADD', KEYS[6], ARGV[2])
-else
-  redis.call('SREM', KEYS[6], ARGV[2])
-end
-return taken
-"""
-
-# Remove the names of dead processes (no heartbeat key), each with its leave
-# notice, and forget the processes.  KEYS: the set of processes.  ARGV: DB
-# number (for channel names), room ttl (ms), a process to remove now even if
-# alive ("" if none: on a clean shutdown).  Returns how many names went.
-LUA_SWEEP = LUA_COMMON + """
-local swept = 0
-for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if proc == ARGV[3] or redis.call('EXISTS', 'chat:proc:' .. proc) == 0 then
-    local rooms_key = 'chat:proc:' .. proc .. ':rooms'
-    for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
-      local before = redis.call('HLEN', room_key(room, 'names'))
-      remove_names(room, 'chat:' .. ARGV[1] .. ':' .. room, proc, {})
-      local after = redis.call('HLEN', room_key(room, 'names'))
-      swept = swept + before - after
-      if after == 0 and before > 0 then
-        forget_later(room, ARGV[2])
-      end
-    end
-    redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
-    redis.call('SREM', KEYS[1], proc)
-  end
-end
-return swept
-"""
-
-
-class RedisBroker(LocalBroker):
-    """The fan-out for processes that share a Redis server.
-
-    Same methods as LocalBroker; `publish`, `flush`, `send` and `write` are
-    its own, so every frame still reaches clients by one path.  What goes to
-    a room goes through Redis and comes back on the room's channel.
-
-    If Redis goes away, clients stay connected and their lines get an error;
-    the broker reconnects with backoff and, once back, resubscribes, catches
-    up with the rooms' seq and re-registers its members' names.
-    """
-
-    shared = True
-
-    def __init__(self, chat: SharedChat, config: Config, metrics: Metrics) -> None:
-        super().__init__(chat, config, metrics)
-        self.chat: SharedChat = chat
-        self.url = config.broker
-        self.history_limit = config.history
-        self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
-        self.proc = secrets.token_hex(8)
-        self.proc_key = f"chat:proc:{self.proc}"
-        self.proc_rooms_key = f"chat:proc:{self.proc}:rooms"
-        self.db = 0
-        self.channels: dict[bytes, SharedRoom] = {}
-        self.control = b""  # a channel of our own: confirms each (re)connection
-        self.client = None  # redis.asyncio.Redis
-        self.pubsub = None
-        self.errors: tuple[type[BaseException], ...] = (OSError,)
-        self.up = asyncio.Event()
-        self.tasks: set[asyncio.Task] = set()
-        self.follower: asyncio.Task | None = None
-        self.beater: asyncio.Task | None = None
-        self.beats = 0
-        # A join storm must not take every pooled connection: posts,
-        # heartbeats and leaves need some too, or they time out and the
-        # broker is taken for lost.
-        self.join_slots = asyncio.Semaphore(REDIS_CONNECTIONS // 4)
-
-    # Starting and stopping
+    def __init__(self, chat: Chat, fanout: Fanout) -> None:
+        self.chat = chat
+        self.fanout = fanout
 
     async def start(self) -> None:
-        """Connect to Redis; raise BrokerUnavailable if it cannot be reached."""
-        import redis.exceptions
-
-        self.errors = (redis.exceptions.RedisError, OSError)
-        self.client = await connect_redis(self.url)
-        self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
-        self.control = f"chat:{self.db}:proc:{self.proc}".encode()
-        script = self.client.register_script
-        self.post_script, self.sync_script = script(LUA_POST), script(LUA_SYNC)
-        self.join_script, self.leave_script = script(LUA_JOIN), script(LUA_LEAVE)
-        self.rename_script, self.reconcile_script = script(LUA_RENAME), script(LUA_RECONCILE)
-        self.sweep_script = script(LUA_SWEEP)
-        self.follower = asyncio.create_task(self.follow())
-        self.beater = asyncio.create_task(self.beat())
-        try:
-            await asyncio.wait_for(self.up.wait(), REDIS_TIMEOUT_S * 2)
-        except asyncio.TimeoutError:
-            await self.close()
-            raise BrokerUnavailable(f"the message broker at {safe_url(self.url)} "
-                                    "does not answer") from None
-        log.info("broker %s: process %s", safe_url(self.url), self.proc)
+        """Connect to what holds the rooms; raise Unavailable if it cannot."""
 
     async def close(self) -> None:
-        """Say goodbye for our members (leave notices), then disconnect."""
-        if self.tasks:
-            await asyncio.wait(self.tasks, timeout=REDIS_TIMEOUT_S)
-        if self.up.is_set():
-            try:  # whoever is left: their names go, with leave notices
-                await self.sweep_script(keys=["chat:procs"],
-                                        args=[self.db, self.room_ttl_ms, self.proc])
-            except self.errors as exc:
-                log.warning("broker: could not remove our names: %s", exc)
-        tasks = [task for task in (self.follower, self.beater) if task]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.set_up(False)
-        if self.client is not None:
-            await self.client.aclose()
+        """Say goodbye for our members, and disconnect."""
 
-    # What clients do
+    def check_room(self, room_name: str) -> None:
+        """Raise Refused if a newcomer cannot enter `room_name` now."""
+        self.chat.check_room(room_name)
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
-        async with self.join_slots:
-            return await self.join_now(ticket)
-
-    async def join_now(self, ticket: Ticket) -> tuple[Member, Outgoing]:
-        """Let a newcomer in: its name claimed in Redis, its welcome with
-        the whole room's names, and the history, from Redis, up to what this
-        process has delivered: later frames reach it by the fan-out, which
-        waits meanwhile."""
-        chat = self.chat
-        if not self.up.is_set():
-            raise BrokerUnavailable(BROKER_DOWN)
-        wanted, notes = chat.newcomer_name(ticket.room, ticket.name)
-        room = chat.shared_room(ticket.room)
-        self.flush(room)  # a batch held back before the newcomer is not for it
-        room.joining += 1
-        try:
-            await self.enter(room)
-            key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
-            name, claim = await self.claim(room, wanted, key, ticket.key)
-            epoch, last_seq, frames, values, taken_over = claim
-            if epoch.decode() != room.epoch:
-                room.adopt(epoch.decode(), int(last_seq))
-            if taken_over:
-                self.evict(room, fold(name), ticket.key)
-            member = chat.newcomer(room, name, ticket.address)
-            member.key = key
-        finally:
-            room.joining -= 1
-            self.publish(room)  # what the fan-out held back
-            self.forget_if_empty(room)
-        since = ticket.since if ticket.epoch == room.epoch else None
-        missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
-        return member, newcomer_frames(member, online_names(values), notes, missed, history)
+        """Let a newcomer in: a name (taken over from its old connection if
+        the ticket's key says so), its session, the welcome and the history
+        since the ticket's seq; the room hears of it.  Raise Unavailable if
+        it cannot enter now."""
+        raise NotImplementedError
 
     def leave(self, member: Member) -> None:
-        room = member.room
-        if room.members.get(fold(member.name)) is not member:
-            return
-        del room.members[fold(member.name)]
-        last_here = not room.members and not room.joining
-        self.spawn(self.leave_redis(room, member.name, member.key, last_here))
-        self.forget_if_empty(room)
+        """`member` is gone; the room hears of it.  Never waits or fails."""
+        raise NotImplementedError
 
-    async def receive(self, member: Member, line: str) -> Outgoing:
-        out = self.chat.receive(member, line)
-        room = member.room
-        requests, room.requests = room.requests, []
-        for request in requests:
-            try:
-                out += await self.carry_out(member, request)
-            except BrokerUnavailable:
-                out.append((member, encode(error(room.name, BROKER_DOWN))))
-        return out
+    async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        """Number and keep a chat message as safely as this back-end can,
+        then publish it; return its seq.  With a cid, at most once per
+        session: a cid already remembered returns the seq it got then."""
+        raise NotImplementedError
 
-    def flush(self, room: SharedRoom) -> None:
-        if room.joining:
-            # A newcomer's history is being read up to delivered_seq: hold
-            # the live frames until it is a member, then it gets them too.
-            self.unschedule(room)
-            return
-        super().flush(room)
+    async def rename(self, member: Member, new: str) -> str | None:
+        """Rename `member`, announcing it; or return why not."""
+        raise NotImplementedError
 
-    # Carrying out requests
+    async def who(self, member: Member) -> list[str]:
+        """Everyone in `member`'s room."""
+        raise NotImplementedError
 
-    async def carry_out(self, member: Member, request: Errand) -> Outgoing:
-        room = member.room
-        if isinstance(request, Post):
-            frame = chat(room.name, request.name, request.text, 0, request.action)
-            _, epoch = await self.call(
-                self.post_script, self.room_keys(room.name, "seq", "epoch", "history"),
-                [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
-                 room.epoch, room.seq])
-            if epoch.decode() != room.epoch:
-                log.warning("room %s: epoch changed in Redis; syncing", room.name)
-                self.spawn(self.sync(room))
-            return []
-        if isinstance(request, Who):
-            values = await self.call(self.client.hvals, f"chat:{room.name}:names")
-            return [(member, encode(who(room.name, online_names(values))))]
-        old, new = member.name, request.new
-        granted = await self.call(
-            self.rename_script, self.room_keys(room.name, "names", "order"),
-            [self.channel(room.name), fold(old), fold(new), self.member_value(new, member.key),
-             encode(renamed(room.name, old, new)), member.key])
-        if not granted:
-            return [(member, encode(error(room.name, f"{new} is already taken in {room.name}")))]
-        self.chat.renamed(member, new)
-        return []
+    async def recall(self, member: Member, cid: str) -> Acked | None:
+        """How `member`'s session's line `cid` was acked, if it was."""
+        raise NotImplementedError
 
-    async def claim(self, room: SharedRoom, wanted: str | None, key: str,
-                    taking_over: str | None) -> tuple[str, list]:
-        """Claim `wanted` or the first free of its suffixed variants (or a
-        guest name) in Redis, announcing the join; `wanted` held by the
-        member whose key is `taking_over` is taken from it.  Returns the name
-        and the room's epoch, last seq, history, names and whether it was
-        taken over."""
-        start = 1
-        while True:
-            if wanted is None:
-                names = [f"guest-{secrets.token_hex(2)}" for _ in range(NAME_CANDIDATES)]
-            else:
-                names = name_candidates(wanted, start, NAME_CANDIDATES)
-            args = [self.channel(room.name), room.name, room.epoch, room.seq,
-                    taking_over if start == 1 and taking_over else ""]
-            for name in names:
-                args += [fold(name), self.member_value(name, key),
-                         frame_prefix(joined(room.name, name, 0), "count")]
-            result = await self.call(
-                self.join_script,
-                self.room_keys(room.name, "seq", "epoch", "history", "names", "order")
-                + [self.proc_rooms_key], args)
-            if result[0]:
-                return names[result[0] - 1], result[1:]
-            start += NAME_CANDIDATES
+    async def remember(self, member: Member, cid: str, seq: int | None) -> None:
+        """Remember that `member`'s session's line `cid` was acked."""
+        raise NotImplementedError
 
-    async def leave_redis(self, room: SharedRoom, name: str, key: str, last_here: bool) -> None:
-        try:
-            await self.call(
-                self.leave_script, [f"chat:{room.name}:names", self.proc_rooms_key],
-                [self.channel(room.name), room.name, fold(name), self.proc,
-                 frame_prefix(left(room.name, name, 0), "count"), self.room_ttl_ms,
-                 int(last_here), key])
-        except BrokerUnavailable:
-            pass  # the reconciliation after reconnecting removes the name
-
-    # Rooms and their channels
-
-    async def enter(self, room: SharedRoom) -> None:
-        """Subscribe to the room's channel if needed; wait until it is synced."""
-        channel = self.channel(room.name).encode()
-        if channel not in self.channels:
-            if self.pubsub is None:
-                raise BrokerUnavailable(BROKER_DOWN)
-            self.channels[channel] = room
-            await self.call(self.pubsub.subscribe, channel)
-        try:
-            await asyncio.wait_for(room.synced.wait(), REDIS_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise BrokerUnavailable(BROKER_DOWN) from None
-
-    async def sync(self, room: SharedRoom) -> None:
-        """The sync point, once the subscription is confirmed: Redis's last
-        seq, and what was missed since the last time."""
-        try:
-            epoch, last_seq, frames = await self.call(
-                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history"),
-                [room.epoch, room.seq, self.room_ttl_ms])
-        except BrokerUnavailable:
-            return  # the next connection syncs again
-        if self.channels.get(self.channel(room.name).encode()) is room:
-            room.resync(epoch.decode(), int(last_seq), frames)
-            self.publish(room)
-            self.forget_if_empty(room)
-
-    def forget_if_empty(self, room: SharedRoom) -> None:
-        """Drop a room nobody here is in (or entering) and unsubscribe."""
-        if room.members or room.joining or not room.synced.is_set():
-            return  # wait for the subscription's confirmation before undoing it
-        if self.chat.rooms.get(room.name) is room:
-            del self.chat.rooms[room.name]
-        channel = self.channel(room.name).encode()
-        if self.channels.get(channel) is room:
-            del self.channels[channel]
-            if self.pubsub is not None and self.up.is_set():
-                self.spawn(self.call(self.pubsub.unsubscribe, channel))
-
-    # The connection to Redis
-
-    async def follow(self) -> None:
-        """Read the channels; reconnect with backoff whenever Redis goes."""
-        delay = RECONNECT_MIN_S
-        while True:
-            pubsub = self.client.pubsub()
-            try:
-                for room in self.channels.values():
-                    room.synced.clear()
-                await pubsub.subscribe(self.control, *self.channels)
-                self.pubsub = pubsub
-                delay = RECONNECT_MIN_S
-                await self.read(pubsub)
-            except Exception as exc:
-                if not isinstance(exc, self.errors):
-                    log.exception("broker: reading the channels failed")
-                self.lost(exc)
-            finally:
-                self.pubsub = None
-                self.set_up(False)
-                try:
-                    await pubsub.aclose()
-                    # Pooled connections to a Redis that went away would each
-                    # fail once more: drop them all, they reconnect on use.
-                    await self.client.connection_pool.disconnect()
-                except self.errors:
-                    pass
-            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
-            delay = min(delay * 2, RECONNECT_MAX_S)
-
-    async def read(self, pubsub) -> None:
-        while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
-                continue
-            channel = message["channel"]
-            if message["type"] == "message":
-                room = self.channels.get(channel)
-                if room is not None:
-                    head, _, frame = message["data"].partition(b" ")
-                    if head == b"r":
-                        parts = frame.decode(errors="replace").split(" ", 2)
-                        if len(parts) == 3 and parts[0] == self.proc:
-                            self.evict(room, parts[2], parts[1])
-                        continue
-                    if head != b"-" and not head.isdigit():
-                        log.warning("broker: ignoring a foreign message on %r", channel)
-                        continue
-                    room.published(head, frame)
-                    self.publish(room)
-            elif message["type"] == "subscribe":
-                if channel == self.control:
-                    self.set_up(True)
-                    self.spawn(self.recover())
-                elif channel in self.channels:
-                    self.spawn(self.sync(self.channels[channel]))
-
-    def evict(self, room: SharedRoom, folded: str, key: str) -> None:
-        """Close our member `folded` of `room` if `key` is its key: its name
-        went to a new connection (its leave was announced with the take-over)."""
-        member = room.members.get(folded)
-        if member is None or not member.has_key(key):
-            return
-        del room.members[folded]
-        log.info("replacing %s in %s: it is back on a new connection", member.name, room.name)
+    def replace(self, member: Member) -> None:
+        """Close `member`'s connection: its name and session went to a new one."""
+        log.info("replacing %s in %s from %s: it is back on a new connection",
+                 member.name, member.room.name, member.address)
         member.connection.close(CLOSE_REPLACED, "replaced by a new connection")
-        self.forget_if_empty(room)
 
-    def lost(self, exc: BaseException) -> None:
-        if self.up.is_set():
-            log.warning("message broker %s lost: %s; reconnecting", safe_url(self.url), exc)
-        self.set_up(False)
+    async def receive(self, member: Member, line: str, cid: str | None = None) -> Outgoing:
+        """Carry out one line from `member`; return what it gets back.
 
-    def set_up(self, up: bool) -> None:
-        if up and not self.up.is_set():
-            log.info("message broker %s connected", safe_url(self.url))
-        self.up.set() if up else self.up.clear()
-        self.chat.broker_up = up
-
-    async def call(self, command, *args):
-        """Run one Redis command; BrokerUnavailable if it fails, and then
-        reconnect (the subscriber connection goes too, so that recovery takes
-        one path)."""
-        if not self.up.is_set():
-            raise BrokerUnavailable(BROKER_DOWN)
+        With a cid (acks=1), the answer is exactly one `ack` or one `error`
+        carrying it, and a line whose cid the session remembers is not
+        carried out again: it gets the ack it got the first time."""
+        room = member.room.name
+        decision = self.chat.decide(member, line)
         try:
-            return await command(*args)
-        except self.errors as exc:
-            self.lost(exc)
-            if self.pubsub is not None and self.pubsub.connection is not None:
-                self.spawn(self.pubsub.connection.disconnect())
-            raise BrokerUnavailable(BROKER_DOWN) from exc
+            if cid is not None and not isinstance(decision, Post):
+                acked = await self.recall(member, cid)  # a post checks its cid itself
+                if acked is not None:
+                    return [(member, encode(ack(room, cid, acked.seq)))]
+            frames, seq, problem = await self.carry_out(member, decision, cid)
+        except Unavailable as exc:
+            frames, seq, problem = [], None, str(exc)
+        if problem is not None:
+            if cid is not None or not isinstance(decision, Refuse) or decision.shown:
+                frames.append(error(room, problem, cid))
+        elif cid is not None:
+            if not isinstance(decision, Post):
+                with contextlib.suppress(Unavailable):  # done all the same: ack it
+                    await self.remember(member, cid, None)
+            frames.append(ack(room, cid, seq))
+        return [(member, encode(frame)) for frame in frames]
 
-    async def recover(self) -> None:
-        """After (re)connecting: our heartbeat, and our names as they are here."""
-        try:
-            await self.heartbeat(reconcile=False)
-            rooms = {name.decode() for name in
-                     await self.call(self.client.smembers, self.proc_rooms_key)}
-            for name in rooms | set(self.chat.rooms):
-                await self.reconcile(name)
-        except BrokerUnavailable:
-            pass
-
-    async def reconcile(self, room_name: str) -> None:
-        room = self.chat.rooms.get(room_name)
-        args = [self.channel(room_name), room_name, self.proc, self.room_ttl_ms,
-                room.epoch if room else "", room.seq if room else 0]
-        for member in (room.members.values() if room else ()):
-            args += [fold(member.name), self.member_value(member.name, member.key)]
-        taken = await self.call(
-            self.reconcile_script,
-            self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
-            + [self.proc_rooms_key], args)
-        for folded in taken:
-            # Someone else holds the name now (maybe this client, back on a
-            # new connection): two members of one name must not be.
-            log.warning("room %s: %s was taken while the broker was away", room_name,
-                        folded.decode())
-            member = room.members.pop(folded.decode(), None) if room else None
-            if member is not None:
-                member.connection.close(CLOSE_TRY_AGAIN, "your name was taken meanwhile; "
-                                                         "connect again")
-        if room is not None:
-            self.forget_if_empty(room)
-
-    async def beat(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
-            try:
-                await self.heartbeat()
-                await self.call(self.sweep_script, ["chat:procs"],
-                                [self.db, self.room_ttl_ms, ""])
-            except BrokerUnavailable:
-                pass
-            except Exception:
-                log.exception("broker: heartbeat failed")
-
-    async def heartbeat(self, reconcile: bool = True) -> None:
-        """Say we are alive.  If our key had expired (this process stalled,
-        or Redis lost it), others may have removed our names: put them back."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
-        pipe.sadd("chat:procs", self.proc)
-        previous, _ = await self.call(pipe.execute)
-        self.beats += 1
-        if previous is None and self.beats > 1 and reconcile:
-            log.warning("broker: our heartbeat key was gone; registering our names again")
-            for name in list(self.chat.rooms):
-                await self.reconcile(name)
-
-    # Helpers
-
-    def spawn(self, coroutine) -> None:
-        """Run `coroutine` on its own; log it if it fails unexpectedly."""
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.done)
-
-    def done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and \
-                not isinstance(task.exception(), BrokerUnavailable):
-            log.error("broker task failed", exc_info=task.exception())
-
-    def channel(self, room_name: str) -> str:
-        return f"chat:{self.db}:{room_name}"
-
-    @staticmethod
-    def room_keys(room_name: str, *parts: str) -> list[str]:
-        return [f"chat:{room_name}:{part}" for part in parts]
-
-    def member_value(self, name: str, key: str) -> bytes:
-        return frame_prefix({"name": name, "proc": self.proc, "key": key, "n": 0}, "n")
+    async def carry_out(self, member: Member, decision: Decision,
+                        cid: str | None) -> tuple[list[dict], int | None, str | None]:
+        """(frames for the sender, the seq posted, why it was refused)."""
+        if isinstance(decision, Post):
+            return [], await self.post(member, decision.text, decision.action, cid), None
+        if isinstance(decision, Rename):
+            return [], None, await self.rename(member, decision.new)
+        if isinstance(decision, Who):
+            return [who(member.room.name, await self.who(member))], None, None
+        if isinstance(decision, Reply):
+            return [decision.frame], None, None
+        if isinstance(decision, Refuse):
+            return [], None, decision.message
+        return [], None, None
 
 
-async def connect_redis(url: str):
-    """A redis.asyncio client for `url` that has answered a PING; raise
-    BrokerUnavailable with a one-line reason if there is none."""
-    import redis.asyncio
-    import redis.exceptions
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
+class MemoryRooms(Rooms):
+    """Rooms in this process's memory, the default.  Nothing here waits: a
+    message is safe once it is in its room's history."""
 
-    client = None
+    waits = False
+
+    async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        chat = self.chat
+        room = chat.open_room(ticket.room)
+        holder = chat.holder(ticket.room, ticket.name, ticket.key)
+        if holder is not None:
+            chat.leave(holder, replaced=True)
+            self.replace(holder)
+        with self.fanout.joining(room):
+            return chat.join(ticket.room, ticket.name, ticket.since, ticket.epoch,
+                             ticket.address, ticket.key)
+
+    def leave(self, member: Member) -> None:
+        self.chat.leave(member)
+        self.fanout.publish(member.room)
+
+    async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        acked = self.chat.recall(member, cid) if cid is not None else None
+        if acked is not None:
+            return acked.seq
+        return self.chat.post(member, text, action, cid)
+
+    async def rename(self, member: Member, new: str) -> str | None:
+        return self.chat.rename(member, new)
+
+    async def who(self, member: Member) -> list[str]:
+        return member.room.online()
+
+    async def recall(self, member: Member, cid: str) -> Acked | None:
+        return self.chat.recall(member, cid)
+
+    async def remember(self, member: Member, cid: str, seq: int | None) -> None:
+        self.chat.remember(member, cid, seq)
+
+
+def open_rooms(config: Config, chat: Chat, fanout: Fanout) -> Rooms:
+    """The back-end the command line asks for, imported only then."""
+    if config.broker:
+        from chatserver_redis import RedisRooms  # needs the redis package
+        return RedisRooms(chat, fanout, config)
+    return MemoryRooms(chat, fanout)
+
+
+def run_now(coroutine: Coroutine[object, None, T]) -> T:
+    """The result of a coroutine that never waits (MemoryRooms'), at once:
+    no task, no turn of the event loop."""
     try:
-        # At most REDIS_CONNECTIONS: a burst of lines waits for one rather
-        # than opening a connection per sender.
-        client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0)))  # the broker retries itself, with backoff
-        await client.ping()
-    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
-        if client is not None:
-            await client.aclose()
-        raise BrokerUnavailable(f"cannot reach the message broker at {safe_url(url)}: "
-                                f"{exc}") from None
-    return client
-
-
-def safe_url(url: str | None) -> str:
-    """`url` without its password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url or "")
-    if parts.password is None:
-        return url or ""
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a back-end that never waits has waited")
 
 
 # Connections --------------------------------------------------------------
@@ -1621,6 +1028,7 @@ class Ticket:
     epoch: str | None
     address: str
     key: str | None = None  # a welcome's key: take this name back from an old connection
+    acks: bool = False  # acks=1: each frame is {"cid", "line"} and gets an ack or an error
 
 
 class Client(asyncio.Protocol):
@@ -1638,8 +1046,9 @@ class Client(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # handshake or close deadline
         self.ping_sent_at: float | None = None  # None: no ping unanswered
         self.entered = False  # past the handshake, in the chat
-        # With a shared broker: lines waiting for Redis, and the task that
-        # takes them in order (see ChatServer.serve_shared).
+        self.acks = False
+        # With a back-end that waits: lines waiting for it, and the task that
+        # takes them in order (see ChatServer.serve).
         self.inbox: collections.deque[str] | None = None
         self.inbox_ready: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
@@ -1758,17 +1167,13 @@ class Client(asyncio.Protocol):
 
 
 class ChatServer:
-    """The I/O around `Chat`: handshake checks, lines in, frames out."""
+    """The I/O around the rooms: handshake checks, lines in, frames out."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics()
-        if config.broker:
-            self.chat: Chat = SharedChat(config)
-            self.broker: LocalBroker = RedisBroker(self.chat, config, self.metrics)
-        else:
-            self.chat = Chat(config)
-            self.broker = LocalBroker(self.chat, config, self.metrics)
+        self.chat = Chat(config)
+        self.rooms = open_rooms(config, self.chat, Fanout(config, self.metrics))
         self.clients: set[Client] = set()  # in the chat, past the handshake
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.tasks: list[asyncio.Task] = []
@@ -1778,24 +1183,15 @@ class ChatServer:
     def enter(self, client: Client, ticket: Ticket) -> None:
         client.entered = True
         client.address = ticket.address
+        client.acks = ticket.acks
         self.clients.add(client)
         self.per_ip[ticket.address] += 1
-        if self.broker.shared:
+        if self.rooms.waits:
             client.inbox = collections.deque()
             client.inbox_ready = asyncio.Event()
-            client.task = asyncio.create_task(self.serve_shared(client, ticket))
+            client.task = asyncio.create_task(self.serve(client, ticket))
         else:
-            holder = self.chat.holder(ticket.room, ticket.name, ticket.key)
-            if holder is not None:
-                self.replace(holder.connection)
-            key = holder.key if holder is not None else None
-            room = self.chat.rooms.get(ticket.room)
-            if room is not None:
-                # What the room queued before this newcomer (a batch held back
-                # by --batch-window) is not for it: it gets the history.
-                self.broker.flush(room)
-            self.admit(client, *self.chat.join(ticket.room, ticket.name, ticket.since,
-                                               ticket.epoch, ticket.address, key))
+            self.admit(client, *run_now(self.rooms.join(ticket)))
 
     def admit(self, client: Client, member: Member, out: Outgoing) -> None:
         member.connection = client
@@ -1804,37 +1200,28 @@ class ChatServer:
         log.info("connect room=%s name=%s address=%s", member.room.name, member.name,
                  client.address)
         self.send(client, out)
-        self.broker.publish(member.room)
 
-    def replace(self, client: Client) -> None:
-        """Let a client's name go to its new connection: it leaves now."""
-        log.info("replacing %s in %s from %s: it is back on a new connection",
-                 client.member.name, client.member.room.name, client.address)
-        self.forget(client)
-        client.member.room.empty_since = None  # not empty: its member is back at once
-        client.close(CLOSE_REPLACED, "replaced by a new connection")
-
-    async def serve_shared(self, client: Client, ticket: Ticket) -> None:
-        """With a shared broker, joining and each line wait for Redis; one
-        task per client keeps its lines in order."""
+    async def serve(self, client: Client, ticket: Ticket) -> None:
+        """With a back-end that waits, joining and each line wait for it;
+        one task per client keeps its lines in order."""
         try:
-            member, out = await self.broker.join(ticket)
-        except BrokerUnavailable as exc:
+            member, out = await self.rooms.join(ticket)
+        except Unavailable as exc:
             client.close(CLOSE_TRY_AGAIN, str(exc)[:100])
             return
-        if client not in self.clients:  # it left while Redis let it in
-            self.broker.leave(member)
+        if client not in self.clients:  # it left while it was being let in
+            self.rooms.leave(member)
             return
         self.admit(client, member, out)
         while client in self.clients:
             if not client.inbox:
+                client.transport.resume_reading()
                 client.inbox_ready.clear()
                 await client.inbox_ready.wait()
                 continue
             line = client.inbox.popleft()
-            if member.room.members.get(fold(member.name)) is not member:
-                continue  # its name went to a new connection: this one is closing
-            self.after_line(client, await self.broker.receive(member, line))
+            if member.is_here():  # else its name went to a new connection: it is closing
+                self.after_line(client, await self.rooms.receive(member, *self.unwrap(client, line)))
 
     def forget(self, client: Client) -> None:
         if client not in self.clients:
@@ -1848,31 +1235,42 @@ class ChatServer:
         member = client.member
         if member is None:
             return
-        self.broker.leave(member)
+        self.rooms.leave(member)
         log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
                  member.name, client.address, client.protocol.close_code)
 
     # Lines in
 
     def on_line(self, client: Client, line: str) -> None:
-        if client not in self.clients:
-            return  # replaced by a new connection, and closing
         self.metrics.messages_received += 1
-        if client.inbox is None:
-            self.after_line(client, self.chat.receive(client.member, line))
-        elif len(client.inbox) < self.config.burst:
+        if client.inbox is not None:
             client.inbox.append(line)
             client.inbox_ready.set()
-        elif client.member is not None:  # lines pile up faster than Redis takes them
-            room = client.member.room
-            self.send(client, [(client.member, encode(error(
-                room.name, "slow down: too many lines waiting; this one was not sent")))])
+            if len(client.inbox) >= self.config.burst:
+                # Push back rather than drop lines: read no more from this
+                # client until its task has taken what it sent.
+                client.transport.pause_reading()
+        elif client.member.is_here():  # else replaced by a new connection, and closing
+            self.after_line(client, run_now(self.rooms.receive(client.member,
+                                                               *self.unwrap(client, line))))
+
+    def unwrap(self, client: Client, text: str) -> tuple[str, str | None]:
+        """(line, cid) of a text frame; on an acks=1 connection, a frame that
+        is not {"cid", "line"} is answered here with an error."""
+        if not client.acks:
+            return text, None
+        cid, line, problem = unwrap(text)
+        if problem is None:
+            return line, cid
+        self.send(client, [(client.member, encode(error(client.member.room.name, problem,
+                                                         cid)))])
+        return "", None  # a blank line: nothing to do
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
         self.send(client, out)
         if member.room.pending:
-            self.broker.publish(member.room)
+            self.rooms.fanout.publish(member.room)
         if member.close_with is not None:
             self.metrics.dropped[member.close_with[1]] += 1
             log.warning("closing %s in %s from %s: %s", member.name, member.room.name,
@@ -1931,11 +1329,12 @@ class ChatServer:
             raise Refused(503, "too many connections from your address")
         path, _, query = request.path.partition("?")
         room = room_from_path(path)
-        self.chat.check_room(room)
+        self.rooms.check_room(room)
         params = parse_query(query)
         key = params.get("key")
         return Ticket(room, params.get("name"), parse_since(params.get("since")),
-                      params.get("epoch"), address, key if key and KEY.match(key) else None)
+                      params.get("epoch"), address, key if key and KEY.match(key) else None,
+                      acks=params.get("acks") == "1")
 
     def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:
@@ -2015,13 +1414,14 @@ class ChatServer:
         while True:
             await asyncio.sleep(interval)
             self.chat.forget_idle_rooms()
+            self.chat.forget_idle_sessions()
 
     # Shutdown
 
     def say_goodbye(self) -> None:
         for room in {client.member.room for client in self.clients if client.member}:
             room.announce(shutdown(room.name))
-            self.broker.flush(room)
+            self.rooms.fanout.flush(room)
         for client in list(self.clients):
             client.close(CLOSE_GOING_AWAY, "server shutting down")
 
@@ -2165,7 +1565,7 @@ def raise_open_files_limit() -> None:
 async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
     """Start serving `config` and return the chat and the listening server."""
     chat_server = ChatServer(config)
-    await chat_server.broker.start()
+    await chat_server.rooms.start()
     ssl_context = None
     if config.certfile:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2195,7 +1595,7 @@ async def shut_down(chat_server: ChatServer, server: asyncio.Server) -> None:
         for client in list(chat_server.clients):
             client.transport.abort()
         await asyncio.sleep(0)
-    await chat_server.broker.close()
+    await chat_server.rooms.close()
 
 
 async def run(config: Config, ready: Callable[[str], None] = print) -> None:
@@ -2215,6 +1615,15 @@ async def run(config: Config, ready: Callable[[str], None] = print) -> None:
     await shut_down(chat_server, server)
 
 
+def safe_url(url: str | None) -> str:
+    """`url` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+
+
 # --workers: N processes on one port ----------------------------------------
 
 WORKER_START_TIMEOUT_S = 30.0
@@ -2230,9 +1639,11 @@ def run_workers(config: Config) -> int | str:
     import multiprocessing.connection
     import socket
 
+    from chatserver_redis import check_broker
+
     try:
         asyncio.run(check_broker(config.broker))
-    except BrokerUnavailable as exc:
+    except Unavailable as exc:
         return f"chatserver: {exc}"
     # Hold the port (bound, never listening, so it gets no connections) so
     # that --port 0 means one port for all, and a restarted worker finds it.
@@ -2297,7 +1708,7 @@ def serve_as_worker(config: Config, ready_writer) -> None:
     threading.Thread(target=stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     try:
         run_loop(config, run(config, ready=ready))
-    except BrokerUnavailable as exc:
+    except Unavailable as exc:
         sys.exit(f"chatserver: {exc}")
 
 
@@ -2316,11 +1727,6 @@ def stop_workers(workers: list, timeout: float) -> None:
         if worker.is_alive():
             worker.kill()
             worker.join()
-
-
-async def check_broker(url: str) -> None:
-    client = await connect_redis(url)
-    await client.aclose()
 
 
 def run_loop(config: Config, coroutine) -> None:
@@ -2349,11 +1755,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_workers(config))
     try:
         run_loop(config, run(config, ready=lambda line: print(line, flush=True)))
-    except BrokerUnavailable as exc:
+    except Unavailable as exc:
         sys.exit(f"chatserver: {exc}")
     except OSError as exc:
         sys.exit(f"chatserver: cannot listen on port {config.port}: {exc}")
 
 
 if __name__ == "__main__":
+    # Be the module `chatserver` too, so that a back-end imported beside us
+    # (chatserver_redis) shares our classes rather than loading a second copy.
+    sys.modules["chatserver"] = sys.modules[__name__]
     main()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from chatserver import Chat, Config, Member, Room, Refused, name_problem, room_from_path
+from chatserver import (Chat, Config, Member, MemoryRooms, Room, Refused, name_problem,
+                        room_from_path, run_now)
 
 
 class Clock:
@@ -23,6 +24,11 @@ def frames(out) -> list[dict]:
 
 def room_frames(room: Room) -> list[dict]:
     return [json.loads(data) for data in room.take_pending()]
+
+
+def receive(chat: Chat, member: Member, line: str, cid: str | None = None):
+    """One line through the rooms' seam, in memory: what the sender gets."""
+    return run_now(MemoryRooms(chat, fanout=None).receive(member, line, cid))
 
 
 def make_chat(**options) -> tuple[Chat, Clock]:
@@ -69,8 +75,8 @@ def test_chat_line_is_numbered_and_sent_to_the_room_with_the_senders_name():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    assert chat.receive(alice, "hello") == []
-    assert chat.receive(alice, "again") == []
+    assert receive(chat, alice, "hello") == []
+    assert receive(chat, alice, "again") == []
     first, second = room_frames(alice.room)
     assert first == {**first, "type": "user", "id": "alice", "message": "hello", "seq": 1}
     assert second["seq"] == 2 and "action" not in second
@@ -81,7 +87,7 @@ def test_sender_cannot_spoof_the_id_by_sending_json():
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
     line = '{"type": "sys", "id": "admin", "message": "x"}'
-    chat.receive(alice, line)
+    receive(chat, alice, line)
     [frame] = room_frames(alice.room)
     assert frame["type"] == "user" and frame["id"] == "alice" and frame["message"] == line
 
@@ -131,11 +137,11 @@ def test_nick_changes_the_name_and_tells_the_room():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    assert chat.receive(alice, "/nick Alicia") == []
+    assert receive(chat, alice, "/nick Alicia") == []
     [notice] = room_frames(alice.room)
     assert notice == {**notice, "event": "nick", "old": "alice", "name": "Alicia",
                       "message": "alice is now known as Alicia"}
-    chat.receive(alice, "hi")
+    receive(chat, alice, "hi")
     assert room_frames(alice.room)[0]["id"] == "Alicia"
 
 
@@ -144,7 +150,7 @@ def test_nick_to_a_taken_name_is_refused():
     alice, _ = chat.join("lobby", "alice")
     chat.join("lobby", "bob")
     room_frames(alice.room)
-    [reply] = frames(chat.receive(alice, "/nick Bob"))
+    [reply] = frames(receive(chat, alice, "/nick Bob"))
     assert reply["event"] == "error" and "taken" in reply["message"]
     assert alice.name == "alice" and room_frames(alice.room) == []
 
@@ -152,7 +158,7 @@ def test_nick_to_a_taken_name_is_refused():
 def test_nick_may_change_only_the_case_of_ones_own_name():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
-    assert chat.receive(alice, "/nick Alice") == []
+    assert receive(chat, alice, "/nick Alice") == []
     assert alice.room.online() == ["Alice"]
 
 
@@ -160,7 +166,7 @@ def test_nick_may_change_only_the_case_of_ones_own_name():
 def test_bad_nick_gets_an_error(line):
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
-    [reply] = frames(chat.receive(alice, line))
+    [reply] = frames(receive(chat, alice, line))
     assert reply["event"] == "error"
 
 
@@ -168,7 +174,7 @@ def test_me_sends_an_action():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    chat.receive(alice, "/me waves")
+    receive(chat, alice, "/me waves")
     [frame] = room_frames(alice.room)
     assert frame["action"] is True and frame["message"] == "waves" and frame["seq"] == 1
 
@@ -178,10 +184,10 @@ def test_who_and_help_answer_only_the_asker():
     alice, _ = chat.join("lobby", "alice")
     chat.join("lobby", "bob")
     room_frames(alice.room)
-    [reply] = frames(chat.receive(alice, "/who"))
+    [reply] = frames(receive(chat, alice, "/who"))
     assert reply["event"] == "who" and reply["online"] == ["alice", "bob"]
     assert "alice" in reply["message"] and "bob" in reply["message"]
-    [reply] = frames(chat.receive(alice, "/help"))
+    [reply] = frames(receive(chat, alice, "/help"))
     assert reply["event"] == "help" and "/nick" in reply["message"]
     assert room_frames(alice.room) == []
 
@@ -189,7 +195,7 @@ def test_who_and_help_answer_only_the_asker():
 def test_unknown_command_gets_an_error():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
-    [reply] = frames(chat.receive(alice, "/dance now"))
+    [reply] = frames(receive(chat, alice, "/dance now"))
     assert reply["event"] == "error" and "/dance" in reply["message"]
 
 
@@ -197,7 +203,7 @@ def test_double_slash_sends_a_literal_slash():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    chat.receive(alice, "//nick is a command")
+    receive(chat, alice, "//nick is a command")
     assert room_frames(alice.room)[0]["message"] == "/nick is a command"
 
 
@@ -206,7 +212,7 @@ def test_whitespace_only_lines_are_ignored(line):
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    assert chat.receive(alice, line) == []
+    assert receive(chat, alice, line) == []
     assert room_frames(alice.room) == [] and alice.room.seq == 0
 
 
@@ -214,8 +220,8 @@ def test_line_over_max_chars_gets_an_error_and_is_not_sent():
     chat, _ = make_chat(max_chars=10)
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    assert chat.receive(alice, "x" * 10) == []
-    [reply] = frames(chat.receive(alice, "x" * 11))
+    assert receive(chat, alice, "x" * 10) == []
+    [reply] = frames(receive(chat, alice, "x" * 11))
     assert reply["event"] == "error" and "too long" in reply["message"]
     assert [f["message"] for f in room_frames(alice.room)] == ["x" * 10]
 
@@ -224,9 +230,9 @@ def test_control_characters_in_text_are_refused_but_newlines_are_kept():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    [reply] = frames(chat.receive(alice, "beep\x07"))
+    [reply] = frames(receive(chat, alice, "beep\x07"))
     assert reply["event"] == "error"
-    chat.receive(alice, "two\nlines")
+    receive(chat, alice, "two\nlines")
     assert room_frames(alice.room)[0]["message"] == "two\nlines"
 
 
@@ -235,7 +241,7 @@ def test_rooms_are_isolated():
     alice, _ = chat.join("one", "alice")
     bob, _ = chat.join("two", "alice")
     room_frames(alice.room), room_frames(bob.room)
-    chat.receive(alice, "in one")
+    receive(chat, alice, "in one")
     assert room_frames(bob.room) == []
     assert bob.name == "alice"  # names are unique per room, not per server
 
@@ -245,7 +251,7 @@ def test_rooms_are_isolated():
 
 def post_lines(chat: Chat, member: Member, count: int) -> None:
     for n in range(count):
-        chat.receive(member, f"line {n + 1}")
+        receive(chat, member, f"line {n + 1}")
     member.room.take_pending()
 
 
@@ -271,7 +277,7 @@ def test_history_keeps_only_the_last_n_messages():
 def test_history_replays_the_original_frames():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
-    chat.receive(alice, "hi")
+    receive(chat, alice, "hi")
     [live] = alice.room.take_pending()[1:]
     _, out = chat.join("lobby", "bob")
     assert out[1][1] == live
@@ -282,7 +288,7 @@ def test_messages_not_yet_sent_are_not_in_the_newcomers_history():
     chat, _ = make_chat()
     alice, _ = chat.join("lobby", "alice")
     post_lines(chat, alice, 1)
-    chat.receive(alice, "still pending")
+    receive(chat, alice, "still pending")
     bob, out = chat.join("lobby", "bob")
     assert [f.get("seq") for f in frames(out)] == [1, 1]
     assert [f.get("seq") for f in room_frames(bob.room) if f["type"] == "user"] == [2]
@@ -372,15 +378,15 @@ def test_flooding_gets_one_error_a_second_then_the_door():
     chat, clock = make_chat(rate=1, burst=2, flood_close=10)
     alice, _ = chat.join("lobby", "alice")
     room_frames(alice.room)
-    assert chat.receive(alice, "1") == [] and chat.receive(alice, "2") == []
-    [reply] = frames(chat.receive(alice, "3"))
+    assert receive(chat, alice, "1") == [] and receive(chat, alice, "2") == []
+    [reply] = frames(receive(chat, alice, "3"))
     assert reply["event"] == "error" and "slow down" in reply["message"]
-    assert chat.receive(alice, "4") == []  # no second error within the second
+    assert receive(chat, alice, "4") == []  # no second error within the second
     assert [f["message"] for f in room_frames(alice.room)] == ["1", "2"]
     for _ in range(20):  # keeps flooding: 20 lines a second for 10 s
         clock.now += 0.5
         for _ in range(10):
-            chat.receive(alice, "spam")
+            receive(chat, alice, "spam")
     assert alice.close_with == (1008, "flooding")
 
 
@@ -389,7 +395,7 @@ def test_a_client_within_the_rate_is_never_limited():
     alice, _ = chat.join("lobby", "alice")
     for _ in range(100):
         clock.now += 0.5
-        assert chat.receive(alice, "steady") == []
+        assert receive(chat, alice, "steady") == []
     assert alice.room.seq == 100
 
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatserver import Chat, Config, fold
+from test_logic import receive
 
 ROOMS = ["one", "two"]
 
@@ -73,7 +74,7 @@ def test_chat_logic_keeps_its_invariants(steps):
         else:
             before = member.room.seq
             name_before = member.name
-            out = chat.receive(member, line)
+            out = receive(chat, member, line)
             for target, data in out:
                 assert target is member  # private answers go to the sender only
                 assert json.loads(data)["room"] == member.room.name

@@ -18,8 +18,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chatserver import (BROKER_DOWN, Config, Post, Rename, SharedChat, Who, frame_prefix,
-                        history_window, name_candidates)
+from chatserver_redis import (BROKER_DOWN, SharedRoom, frame_prefix, history_window,
+                              name_candidates)
 from conftest import ROOT, in_ci, join
 
 FAST = ("--rate", "1000", "--burst", "1000")
@@ -141,23 +141,8 @@ def test_name_candidates_are_those_a_single_process_tries():
     assert name_candidates(long, 9, 2) == ["x" * 30 + "-9", "x" * 29 + "-10"]
 
 
-def test_shared_chat_leaves_posts_renames_and_who_to_the_broker():
-    chat = SharedChat(Config(rate=1000, burst=1000))
-    room = chat.shared_room("lobby")
-    alice = chat.newcomer(room, "alice", "")
-    assert chat.receive(alice, "hi") == []
-    assert chat.receive(alice, "/me waves") == []
-    assert chat.receive(alice, "/who") == []
-    assert chat.receive(alice, "/nick bob") == []
-    [bad] = chat.receive(alice, "/nick has space")
-    assert json.loads(bad[1])["event"] == "error"
-    assert room.requests == [Post("alice", "hi"), Post("alice", "waves", True), Who(alice),
-                             Rename(alice, "bob")]
-    assert room.seq == 0 and not room.pending  # nothing numbered nor sent locally
-
-
 def test_shared_room_skips_what_it_had_before_the_sync_point():
-    room = SharedChat().shared_room("lobby")
+    room = SharedRoom("lobby", 100)
     room.published(b"3", b"three")  # before the sync: waits
     room.published(b"4", b"four")
     room.resync("e1", 3, [b"one", b"two", b"three"])
@@ -174,7 +159,8 @@ def test_shared_room_skips_what_it_had_before_the_sync_point():
 
 def test_no_redis_import_without_broker():
     code = ("import sys, chatserver; chatserver.parse_args([]); "
-            "assert not any(m.split('.')[0] == 'redis' for m in sys.modules)")
+            "assert not any(m.split('.')[0] in ('redis', 'chatserver_redis') "
+            "for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=30)
 
 

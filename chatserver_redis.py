@@ -1,0 +1,917 @@
+"""chatserver_redis: rooms shared through Redis, for chatserver --broker.
+
+With --broker redis://HOST:PORT/DB, processes that share a Redis server act
+as one chat server.  This module is imported only then, and needs the redis
+package (pip install chatserver[redis]).  It implements chatserver's `Rooms`
+seam: the chat rules, acks and the fan-out stay in chatserver.py.
+
+Redis holds what every process must agree on, per room:
+
+  chat:ROOM:seq      the last seq given out (INCR)
+  chat:ROOM:epoch    the room's epoch
+  chat:ROOM:history  the last --history chat frames, as sent (a list)
+  chat:ROOM:names    who is in the room: folded name -> {"name","proc","key","session","n"}
+  chat:ROOM:order    a counter that orders `names` as a process would
+  channel chat:DB:ROOM   every frame for the room, to every process in it
+
+per session (what a reconnect key names): chat:key:KEY (the session of a
+welcome's key), chat:session:ID:cids (cid -> seq of its acked lines, "-" for
+a command) and chat:session:ID:order (when each was acked, oldest first);
+and per process: chat:proc:ID (a heartbeat key with a short TTL),
+chat:proc:ID:rooms (where it has members) and the set chat:procs.  Channel
+names carry the DB number because Redis channels are server-wide.
+
+Each change is one Lua script, atomic in Redis: posting a line checks its
+cid, numbers it, keeps it and publishes it, so the order of the channel is
+the order of seq.  A process subscribes to a room's channel while it has
+members there, and fans out what the channel brings through chatserver's
+`Fanout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+
+from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
+                        Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
+                        Ticket, Unavailable, chat, encode, fold, joined, left,
+                        newcomer_frames, renamed, safe_url)
+
+log = logging.getLogger("chatserver")
+
+REDIS_TIMEOUT_S = 2.0  # a Redis command that takes longer has failed
+REDIS_CONNECTIONS = 32  # per process, the subscriber's included
+HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
+RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
+RECONNECT_MAX_S = 3.0  # ...doubling up to this
+NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
+BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
+
+
+@dataclasses.dataclass(eq=False)
+class SharedRoom(Room):
+    """A room whose numbering, history and names live in Redis.
+
+    Locally it holds this process's members and the frames the room's channel
+    brought: `seq` is the last seq received, and frames at or below it are
+    duplicates.  Until the room is synced with Redis (after each subscription),
+    what the channel brings waits in `early`.
+    """
+
+    synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    ever_synced: bool = False
+    early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+    total: int = 0  # members on every process, as the last join or leave said
+
+    def published(self, head: bytes, frame: bytes) -> None:
+        """Queue a frame from the room's channel for the fan-out.
+
+        `head` is the frame's seq for a chat message, b"-" for a notice.
+        """
+        if not self.synced.is_set():
+            self.early.append((head, frame))
+            return
+        if head == b"-" and self.gather(frame):
+            return
+        if head != b"-":
+            seq = int(head)
+            if seq <= self.seq:
+                return  # known from the sync point: in Redis's history
+            self.seq = seq
+            self.pending_seq.append(seq)
+        self.pending.append(frame)
+
+    def gather(self, frame: bytes) -> bool:
+        """Keep a join or leave notice of a crowded room for the next
+        presence notice (Room.gather_presence); each process gathers what the
+        channel brings.  False for any other frame."""
+        if b'"event":"join"' not in frame and b'"event":"leave"' not in frame:
+            return False  # not worth parsing (in a string, a quote is escaped)
+        notice = json.loads(frame)
+        if notice.get("event") not in ("join", "leave"):
+            return False
+        self.total = notice["count"]
+        return self.gather_presence(notice["name"], notice["event"] == "join", self.total)
+
+    def count(self) -> int:
+        return self.total
+
+    def resync(self, epoch: str, last_seq: int, frames: list[bytes]) -> None:
+        """Take up Redis's state after a (re)subscription.
+
+        The first time, the room starts at Redis's last seq.  After a
+        reconnection, messages of the same epoch missed meanwhile are queued
+        from the history; another epoch is taken as it is.
+        """
+        if self.ever_synced and epoch == self.epoch:
+            first = last_seq - len(frames) + 1
+            for seq, data in enumerate(frames, first):
+                if seq > self.seq:
+                    self.pending.append(data)
+                    self.pending_seq.append(seq)
+            self.seq = max(self.seq, last_seq)
+        else:
+            self.adopt(epoch, last_seq)
+        self.ever_synced = True
+        self.synced.set()
+        early, self.early = self.early, []
+        for head, frame in early:
+            if head != b"-" or self.members:
+                self.published(head, frame)
+
+    def adopt(self, epoch: str, last_seq: int) -> None:
+        """Start over at `last_seq` of `epoch`."""
+        self.epoch = epoch
+        self.seq = self.delivered_seq = last_seq
+        self.pending_seq = []
+        if not self.members:
+            self.pending = []
+
+
+def history_window(last_seq: int, frames: list[bytes], delivered: int,
+                   since: int | None) -> tuple[int, list[bytes]]:
+    """Room.history_since for a history read from Redis.
+
+    `frames` hold consecutive seqs ending at `last_seq`; only those up to
+    `delivered` are returned (later ones reach the newcomer by the fan-out).
+    """
+    first = last_seq - len(frames) + 1
+    start = 0 if since is None else since
+    kept = [data for seq, data in enumerate(frames, first) if start < seq <= delivered]
+    oldest = first if frames else delivered + 1
+    missed = max(0, min(oldest, delivered + 1) - start - 1)
+    return (missed if since is not None else 0), kept
+
+
+def frame_prefix(frame: dict, last: str) -> bytes:
+    """`frame` encoded up to the value of its field `last`, which Redis fills
+    in: prefix + value + b"}" is the whole frame."""
+    head = {key: value for key, value in frame.items() if key != last}
+    return encode(head)[:-1] + b',"' + last.encode() + b'":'
+
+
+def name_candidates(wanted: str, start: int, count: int) -> list[str]:
+    """`wanted`, `wanted-2`, `wanted-3`... as Room.unique_name tries them,
+    from the `start`th (1 is `wanted` itself)."""
+    names = []
+    for n in range(start, start + count):
+        suffix = "" if n == 1 else f"-{n}"
+        names.append(wanted[: NAME_MAX_CHARS - len(suffix)] + suffix)
+    return names
+
+
+def online_names(values: list[bytes]) -> list[str]:
+    """The names of a room's `names` hash, in the order they came."""
+    entries = [json.loads(value) for value in values]
+    return [entry["name"] for entry in sorted(entries, key=lambda entry: entry["n"])]
+
+
+# The Lua scripts.  Keys are passed in KEYS where the script knows them in
+# advance; the sweep finds rooms as it goes (fine on a single Redis server).
+
+LUA_COMMON = """
+local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
+  -- The room's epoch, created as `epoch` if Redis has none (a new room, or
+  -- Redis lost its data): then its numbering resumes after `floor`, the
+  -- last seq the caller knows, so that its clients see no step back.
+  local current = redis.call('GET', epoch_key)
+  if not current then
+    current = epoch
+    if ttl then
+      redis.call('SET', epoch_key, epoch, 'PX', ttl)
+    else
+      redis.call('SET', epoch_key, epoch)
+    end
+    if tonumber(redis.call('GET', seq_key) or '0') < floor then
+      redis.call('SET', seq_key, floor)
+      redis.call('DEL', history_key)
+    end
+  end
+  return current
+end
+
+local function remember_line(cids_key, order_key, cid, seq, lines, keep_ms)
+  -- A session's acked line: cid -> seq ("-" for a command), kept with at
+  -- least the last `lines` others and all those younger than `keep_ms`.
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('HSET', cids_key, cid, seq)
+  redis.call('RPUSH', order_key, ms .. ' ' .. cid)
+  while redis.call('LLEN', order_key) > lines do
+    local oldest = redis.call('LINDEX', order_key, 0)
+    local space = string.find(oldest, ' ', 1, true)
+    if ms - tonumber(string.sub(oldest, 1, space - 1)) < keep_ms then break end
+    redis.call('LPOP', order_key)
+    redis.call('HDEL', cids_key, string.sub(oldest, space + 1))
+  end
+end
+
+local function keep_session(ttl, ...)
+  for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl) end
+end
+
+local function room_key(room, what)
+  return 'chat:' .. room .. ':' .. what
+end
+
+local function forget_later(room, ttl)
+  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
+    redis.call('PEXPIRE', room_key(room, what), ttl)
+  end
+end
+
+local function keep(room)
+  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
+    redis.call('PERSIST', room_key(room, what))
+  end
+end
+
+local function leave_notice(room, name, count)
+  -- The `leave` frame of chatserver.left(), for names whose process died.
+  local now = redis.call('TIME')
+  local ts = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+  return '- {"type":"sys","event":"leave","room":' .. cjson.encode(room) ..
+    ',"message":' .. cjson.encode(name .. ' has left') .. ',"ts":' .. ts ..
+    ',"name":' .. cjson.encode(name) .. ',"count":' .. count .. '}'
+end
+
+local function remove_names(room, channel, proc, except)
+  -- Remove the names `proc` holds in `room` (but those in `except`), each
+  -- with its leave notice; forget the room later if it is empty now.
+  local names_key = room_key(room, 'names')
+  local marker = '"proc":"' .. proc .. '"'
+  local values = redis.call('HGETALL', names_key)
+  for i = 1, #values, 2 do
+    if not except[values[i]] and string.find(values[i + 1], marker, 1, true) then
+      redis.call('HDEL', names_key, values[i])
+      local count = redis.call('HLEN', names_key)
+      if count > 0 then
+        redis.call('PUBLISH', channel, leave_notice(room, cjson.decode(values[i + 1]).name, count))
+      end
+    end
+  end
+end
+"""
+
+# KEYS: seq, epoch, history, the session's cids, its order.  ARGV: channel,
+# frame prefix, history limit, epoch, last seq known, cid ("" if none), cids
+# kept, ms they are kept, ms the session is kept.  Returns {seq, epoch}: the
+# seq the cid got before, if it was acked before (then nothing is posted).
+LUA_POST = LUA_COMMON + """
+if ARGV[6] ~= '' then
+  local known = redis.call('HGET', KEYS[4], ARGV[6])
+  if known then return {known, redis.call('GET', KEYS[2]) or ARGV[4]} end
+end
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]), nil)
+local seq = redis.call('INCR', KEYS[1])
+local frame = ARGV[2] .. seq .. '}'
+redis.call('RPUSH', KEYS[3], frame)
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
+if ARGV[6] ~= '' then
+  remember_line(KEYS[4], KEYS[5], ARGV[6], seq, tonumber(ARGV[7]), tonumber(ARGV[8]))
+  keep_session(ARGV[9], KEYS[4], KEYS[5])
+end
+return {seq, epoch}
+"""
+
+# KEYS: the session's cids, its order.  ARGV: cid, seq ("-": a command),
+# cids kept, ms they are kept, ms the session is kept.
+LUA_REMEMBER = LUA_COMMON + """
+remember_line(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+keep_session(ARGV[5], KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: seq, epoch, history.  ARGV: epoch, last seq known, room ttl (ms).
+# Returns {epoch, last seq, history}.
+LUA_SYNC = LUA_COMMON + """
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
+"""
+
+# KEYS: seq, epoch, history, names, order, this process's rooms, the
+# session of the welcome's key, the session of the newcomer's key.
+# ARGV: channel, room, epoch, last seq known, the key of a welcome (or ""),
+# a new session id, ms a session is kept, then for each candidate name:
+# folded name, member value prefix (up to its session), join notice prefix.
+# The newcomer goes on with the session of the welcome's key if it is known,
+# else starts the new one.  The first candidate may be held by the member
+# with that key: it is taken over (`r PROC KEY NAME` tells its process to
+# close it).  Returns {0} if every candidate is taken, else {index of the
+# name taken, epoch, last seq, history, names, 1 if taken over else 0,
+# session}.
+LUA_JOIN = LUA_COMMON + """
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
+local key = ARGV[5]
+local session = (key ~= '' and redis.call('GET', KEYS[7])) or ARGV[6]
+for i = 8, #ARGV, 3 do
+  local held = redis.call('HGET', KEYS[4], ARGV[i])
+  local old = nil
+  if held and i == 8 and key ~= '' and
+      string.find(held, '"key":"' .. key .. '"', 1, true) then
+    old = cjson.decode(held)
+  end
+  if not held or old then
+    redis.call('SET', KEYS[8], session, 'PX', ARGV[7])
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. cjson.encode(session) ..
+               ',"n":' .. redis.call('INCR', KEYS[5]) .. '}')
+    keep(ARGV[2])
+    redis.call('SADD', KEYS[6], ARGV[2])
+    local count = redis.call('HLEN', KEYS[4])
+    if old then
+      redis.call('PUBLISH', ARGV[1], 'r ' .. old.proc .. ' ' .. key .. ' ' .. ARGV[i])
+      redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old.name, count - 1))
+    end
+    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[i + 2] .. count .. '}')
+    return {(i - 5) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
+            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4]),
+            old and 1 or 0, session}
+  end
+end
+return {0}
+"""
+
+# KEYS: names, this process's rooms, the member's session's cids, its order,
+# its key's session.  ARGV: channel, room, folded name, process, leave notice
+# prefix, room ttl (ms), "1" if the process has no one left in the room, the
+# member's key (the name may have been taken over), ms a session is kept.
+LUA_LEAVE = LUA_COMMON + """
+keep_session(ARGV[9], KEYS[3], KEYS[4], KEYS[5])
+local value = redis.call('HGET', KEYS[1], ARGV[3])
+if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) and
+    string.find(value, '"key":"' .. ARGV[8] .. '"', 1, true) then
+  redis.call('HDEL', KEYS[1], ARGV[3])
+  local count = redis.call('HLEN', KEYS[1])
+  if count > 0 then
+    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5] .. count .. '}')
+  else
+    forget_later(ARGV[2], ARGV[6])
+  end
+end
+if ARGV[7] == '1' then
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: names, order.  ARGV: channel, old folded name, new folded name, new
+# member value prefix, nick notice, the member's key.  Returns 1, or 0 if the
+# name is taken.
+LUA_RENAME = """
+if ARGV[3] ~= ARGV[2] and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 1 then
+  return 0
+end
+local held = redis.call('HGET', KEYS[1], ARGV[2])
+if held and not string.find(held, '"key":"' .. ARGV[6] .. '"', 1, true) then
+  return 0  -- the old name was taken over by a new connection meanwhile
+end
+redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4] .. redis.call('INCR', KEYS[2]) .. '}')
+redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5])
+return 1
+"""
+
+# Make the names a process holds in a room exactly its members there: after
+# Redis came back (maybe empty), or after the process was taken for dead.
+# Re-registered names are not announced: the others never saw them go.
+# KEYS: seq, epoch, history, names, order, this process's rooms.
+# ARGV: channel, room, process, room ttl (ms), epoch ("" if none), last seq
+# known, then for each member: folded name, member value prefix.
+# Returns the folded names someone else took meanwhile.
+LUA_RECONCILE = LUA_COMMON + """
+local mine = {}
+for i = 7, #ARGV, 2 do mine[ARGV[i]] = ARGV[i + 1] end
+remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
+local taken = {}
+for folded, prefix in pairs(mine) do
+  local value = redis.call('HGET', KEYS[4], folded)
+  if not value then
+    redis.call('HSET', KEYS[4], folded, prefix .. redis.call('INCR', KEYS[5]) .. '}')
+  elseif not string.find(value, '"proc":"' .. ARGV[3] .. '"', 1, true) then
+    table.insert(taken, folded)
+  end
+end
+if redis.call('HLEN', KEYS[4]) > 0 then
+  if ARGV[5] ~= '' then
+    ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil)
+  end
+  keep(ARGV[2])
+else
+  forget_later(ARGV[2], ARGV[4])
+end
+if next(mine) then
+  redis.call('SADD', KEYS[6], ARGV[2])
+else
+  redis.call('SREM', KEYS[6], ARGV[2])
+end
+return taken
+"""
+
+# Remove the names of dead processes (no heartbeat key), each with its leave
+# notice, and forget the processes.  KEYS: the set of processes.  ARGV: DB
+# number (for channel names), room ttl (ms), a process to remove now even if
+# alive ("" if none: on a clean shutdown).  Returns how many names went.
+LUA_SWEEP = LUA_COMMON + """
+local swept = 0
+for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if proc == ARGV[3] or redis.call('EXISTS', 'chat:proc:' .. proc) == 0 then
+    local rooms_key = 'chat:proc:' .. proc .. ':rooms'
+    for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
+      local before = redis.call('HLEN', room_key(room, 'names'))
+      remove_names(room, 'chat:' .. ARGV[1] .. ':' .. room, proc, {})
+      local after = redis.call('HLEN', room_key(room, 'names'))
+      swept = swept + before - after
+      if after == 0 and before > 0 then
+        forget_later(room, ARGV[2])
+      end
+    end
+    redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
+    redis.call('SREM', KEYS[1], proc)
+  end
+end
+return swept
+"""
+
+
+class RedisRooms(Rooms):
+    """Rooms shared through a Redis server with other chatserver processes.
+
+    What goes to a room goes through Redis and comes back on the room's
+    channel, to every process with members there.  A message is acked once
+    it is in Redis.  If Redis goes away, clients stay connected and their
+    lines get an error; the broker reconnects with backoff and, once back,
+    resubscribes, catches up with the rooms' seq and re-registers its
+    members' names.
+    """
+
+    def __init__(self, chat: Chat, fanout: Fanout, config: Config) -> None:
+        super().__init__(chat, fanout)
+        self.url = config.broker
+        self.history_limit = config.history
+        self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
+        self.session_ttl_ms = int(max(CID_MEMORY_S, config.room_ttl) * 1000)
+        self.proc = secrets.token_hex(8)
+        self.proc_key = f"chat:proc:{self.proc}"
+        self.proc_rooms_key = f"chat:proc:{self.proc}:rooms"
+        self.db = 0
+        self.channels: dict[bytes, SharedRoom] = {}
+        self.control = b""  # a channel of our own: confirms each (re)connection
+        self.client = None  # redis.asyncio.Redis
+        self.pubsub = None
+        self.errors: tuple[type[BaseException], ...] = (OSError,)
+        self.up = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.follower: asyncio.Task | None = None
+        self.beater: asyncio.Task | None = None
+        self.beats = 0
+        # A join storm must not take every pooled connection: posts,
+        # heartbeats and leaves need some too, or they time out and the
+        # broker is taken for lost.
+        self.join_slots = asyncio.Semaphore(REDIS_CONNECTIONS // 4)
+
+    # Starting and stopping
+
+    async def start(self) -> None:
+        """Connect to Redis; raise Unavailable if it cannot be reached."""
+        import redis.exceptions
+
+        self.errors = (redis.exceptions.RedisError, OSError)
+        self.client = await connect_redis(self.url)
+        self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
+        self.control = f"chat:{self.db}:proc:{self.proc}".encode()
+        script = self.client.register_script
+        self.post_script, self.sync_script = script(LUA_POST), script(LUA_SYNC)
+        self.join_script, self.leave_script = script(LUA_JOIN), script(LUA_LEAVE)
+        self.rename_script, self.reconcile_script = script(LUA_RENAME), script(LUA_RECONCILE)
+        self.sweep_script, self.remember_script = script(LUA_SWEEP), script(LUA_REMEMBER)
+        self.follower = asyncio.create_task(self.follow())
+        self.beater = asyncio.create_task(self.beat())
+        try:
+            await asyncio.wait_for(self.up.wait(), REDIS_TIMEOUT_S * 2)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise Unavailable(f"the message broker at {safe_url(self.url)} "
+                              "does not answer") from None
+        log.info("broker %s: process %s", safe_url(self.url), self.proc)
+
+    async def close(self) -> None:
+        """Say goodbye for our members (leave notices), then disconnect."""
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=REDIS_TIMEOUT_S)
+        if self.up.is_set():
+            try:  # whoever is left: their names go, with leave notices
+                await self.sweep_script(keys=["chat:procs"],
+                                        args=[self.db, self.room_ttl_ms, self.proc])
+            except self.errors as exc:
+                log.warning("broker: could not remove our names: %s", exc)
+        tasks = [task for task in (self.follower, self.beater) if task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.set_up(False)
+        if self.client is not None:
+            await self.client.aclose()
+
+    def check_room(self, room_name: str) -> None:
+        if not self.up.is_set():
+            raise Refused(503, "chat is unavailable: the message broker is down; "
+                               "try again soon")
+        super().check_room(room_name)
+
+    # What clients do
+
+    async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        async with self.join_slots:
+            return await self.join_now(ticket)
+
+    async def join_now(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        """Let a newcomer in: its name claimed in Redis, its welcome with
+        the whole room's names, and the history, from Redis, up to what this
+        process has delivered: later frames reach it by the fan-out, which
+        waits meanwhile."""
+        if not self.up.is_set():
+            raise Unavailable(BROKER_DOWN)
+        wanted, notes = self.chat.newcomer_name(ticket.room, ticket.name)
+        room = self.shared_room(ticket.room)
+        with self.fanout.joining(room):
+            try:
+                await self.enter(room)
+                key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
+                name, claim = await self.claim(room, wanted, key, ticket.key)
+                epoch, last_seq, frames, values, taken_over, session = claim
+                if epoch.decode() != room.epoch:
+                    room.adopt(epoch.decode(), int(last_seq))
+                if taken_over:
+                    self.evict(room, fold(name), ticket.key)
+                member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
+                                refilled_at=self.chat.clock(), key=key,
+                                session=session.decode())
+                room.members[fold(name)] = member
+            finally:
+                self.forget_if_empty(room)
+        since = ticket.since if ticket.epoch == room.epoch else None
+        missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
+        return member, newcomer_frames(member, online_names(values), notes, missed, history)
+
+    def shared_room(self, room_name: str) -> SharedRoom:
+        room = self.chat.rooms.get(room_name)
+        if room is None:
+            room = self.chat.rooms[room_name] = SharedRoom(room_name, self.chat.config.history,
+                                                           self.chat.config.crowd)
+        return room
+
+    def leave(self, member: Member) -> None:
+        room = member.room
+        if not member.is_here():
+            return
+        del room.members[fold(member.name)]
+        last_here = not room.members and not room.joining
+        self.spawn(self.leave_redis(room, member, last_here))
+        self.forget_if_empty(room)
+
+    async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        room = member.room
+        frame = chat(room.name, member.name, text, 0, action)
+        seq, epoch = await self.call(
+            self.post_script,
+            self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member.session),
+            [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
+             room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
+             self.session_ttl_ms])
+        if epoch.decode() != room.epoch:
+            log.warning("room %s: epoch changed in Redis; syncing", room.name)
+            self.spawn(self.sync(room))
+        return None if seq == b"-" else int(seq)
+
+    async def who(self, member: Member) -> list[str]:
+        return online_names(await self.call(self.client.hvals,
+                                            f"chat:{member.room.name}:names"))
+
+    async def rename(self, member: Member, new: str) -> str | None:
+        room = member.room
+        old = member.name
+        granted = await self.call(
+            self.rename_script, self.room_keys(room.name, "names", "order"),
+            [self.channel(room.name), fold(old), fold(new),
+             self.member_value(new, member.key, member.session),
+             encode(renamed(room.name, old, new)), member.key])
+        if not granted:
+            return f"{new} is already taken in {room.name}"
+        if member.is_here():  # else taken over by a new connection meanwhile: it is closing
+            del room.members[fold(old)]
+            member.name = new
+            room.members[fold(new)] = member
+        return None
+
+    async def recall(self, member: Member, cid: str) -> Acked | None:
+        seq = await self.call(self.client.hget, self.session_keys(member.session)[0], cid)
+        if seq is None:
+            return None
+        return Acked(None if seq == b"-" else int(seq))
+
+    async def remember(self, member: Member, cid: str, seq: int | None) -> None:
+        await self.call(self.remember_script, self.session_keys(member.session),
+                        [cid, "-" if seq is None else seq, CID_MEMORY_LINES,
+                         int(CID_MEMORY_S * 1000), self.session_ttl_ms])
+
+    async def claim(self, room: SharedRoom, wanted: str | None, key: str,
+                    taking_over: str | None) -> tuple[str, list]:
+        """Claim `wanted` or the first free of its suffixed variants (or a
+        guest name) in Redis, announcing the join; `wanted` held by the
+        member whose key is `taking_over` is taken from it.  Returns the name
+        and the room's epoch, last seq, history, names, whether it was
+        taken over, and the newcomer's session."""
+        start = 1
+        while True:
+            if wanted is None:
+                names = [f"guest-{secrets.token_hex(2)}" for _ in range(NAME_CANDIDATES)]
+            else:
+                names = name_candidates(wanted, start, NAME_CANDIDATES)
+            args = [self.channel(room.name), room.name, room.epoch, room.seq,
+                    taking_over if start == 1 and taking_over else "",
+                    secrets.token_urlsafe(16), self.session_ttl_ms]
+            for name in names:
+                args += [fold(name), self.member_value(name, key, None),
+                         frame_prefix(joined(room.name, name, 0), "count")]
+            result = await self.call(
+                self.join_script,
+                self.room_keys(room.name, "seq", "epoch", "history", "names", "order")
+                + [self.proc_rooms_key, f"chat:key:{taking_over or '-'}", f"chat:key:{key}"],
+                args)
+            if result[0]:
+                return names[result[0] - 1], result[1:]
+            start += NAME_CANDIDATES
+
+    async def leave_redis(self, room: SharedRoom, member: Member, last_here: bool) -> None:
+        try:
+            await self.call(
+                self.leave_script,
+                [f"chat:{room.name}:names", self.proc_rooms_key,
+                 *self.session_keys(member.session), f"chat:key:{member.key}"],
+                [self.channel(room.name), room.name, fold(member.name), self.proc,
+                 frame_prefix(left(room.name, member.name, 0), "count"), self.room_ttl_ms,
+                 int(last_here), member.key, self.session_ttl_ms])
+        except Unavailable:
+            pass  # the reconciliation after reconnecting removes the name
+
+    # Rooms and their channels
+
+    async def enter(self, room: SharedRoom) -> None:
+        """Subscribe to the room's channel if needed; wait until it is synced."""
+        channel = self.channel(room.name).encode()
+        if channel not in self.channels:
+            if self.pubsub is None:
+                raise Unavailable(BROKER_DOWN)
+            self.channels[channel] = room
+            await self.call(self.pubsub.subscribe, channel)
+        try:
+            await asyncio.wait_for(room.synced.wait(), REDIS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise Unavailable(BROKER_DOWN) from None
+
+    async def sync(self, room: SharedRoom) -> None:
+        """The sync point, once the subscription is confirmed: Redis's last
+        seq, and what was missed since the last time."""
+        try:
+            epoch, last_seq, frames = await self.call(
+                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history"),
+                [room.epoch, room.seq, self.room_ttl_ms])
+        except Unavailable:
+            return  # the next connection syncs again
+        if self.channels.get(self.channel(room.name).encode()) is room:
+            room.resync(epoch.decode(), int(last_seq), frames)
+            self.fanout.publish(room)
+            self.forget_if_empty(room)
+
+    def forget_if_empty(self, room: SharedRoom) -> None:
+        """Drop a room nobody here is in (or entering) and unsubscribe."""
+        if room.members or room.joining or not room.synced.is_set():
+            return  # wait for the subscription's confirmation before undoing it
+        if self.chat.rooms.get(room.name) is room:
+            del self.chat.rooms[room.name]
+        channel = self.channel(room.name).encode()
+        if self.channels.get(channel) is room:
+            del self.channels[channel]
+            if self.pubsub is not None and self.up.is_set():
+                self.spawn(self.call(self.pubsub.unsubscribe, channel))
+
+    # The connection to Redis
+
+    async def follow(self) -> None:
+        """Read the channels; reconnect with backoff whenever Redis goes."""
+        delay = RECONNECT_MIN_S
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                for room in self.channels.values():
+                    room.synced.clear()
+                await pubsub.subscribe(self.control, *self.channels)
+                self.pubsub = pubsub
+                delay = RECONNECT_MIN_S
+                await self.read(pubsub)
+            except Exception as exc:
+                if not isinstance(exc, self.errors):
+                    log.exception("broker: reading the channels failed")
+                self.lost(exc)
+            finally:
+                self.pubsub = None
+                self.set_up(False)
+                try:
+                    await pubsub.aclose()
+                    # Pooled connections to a Redis that went away would each
+                    # fail once more: drop them all, they reconnect on use.
+                    await self.client.connection_pool.disconnect()
+                except self.errors:
+                    pass
+            await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def read(self, pubsub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            channel = message["channel"]
+            if message["type"] == "message":
+                room = self.channels.get(channel)
+                if room is not None:
+                    head, _, frame = message["data"].partition(b" ")
+                    if head == b"r":
+                        parts = frame.decode(errors="replace").split(" ", 2)
+                        if len(parts) == 3 and parts[0] == self.proc:
+                            self.evict(room, parts[2], parts[1])
+                        continue
+                    if head != b"-" and not head.isdigit():
+                        log.warning("broker: ignoring a foreign message on %r", channel)
+                        continue
+                    room.published(head, frame)
+                    self.fanout.publish(room)
+            elif message["type"] == "subscribe":
+                if channel == self.control:
+                    self.set_up(True)
+                    self.spawn(self.recover())
+                elif channel in self.channels:
+                    self.spawn(self.sync(self.channels[channel]))
+
+    def evict(self, room: SharedRoom, folded: str, key: str) -> None:
+        """Close our member `folded` of `room` if `key` is its key: its name
+        went to a new connection (its leave was announced with the take-over)."""
+        member = room.members.get(folded)
+        if member is None or not member.has_key(key):
+            return
+        del room.members[folded]
+        self.replace(member)
+        self.forget_if_empty(room)
+
+    def lost(self, exc: BaseException) -> None:
+        if self.up.is_set():
+            log.warning("message broker %s lost: %s; reconnecting", safe_url(self.url), exc)
+        self.set_up(False)
+
+    def set_up(self, up: bool) -> None:
+        if up and not self.up.is_set():
+            log.info("message broker %s connected", safe_url(self.url))
+        self.up.set() if up else self.up.clear()
+
+    async def call(self, command, *args):
+        """Run one Redis command; Unavailable if it fails, and then
+        reconnect (the subscriber connection goes too, so that recovery takes
+        one path)."""
+        if not self.up.is_set():
+            raise Unavailable(BROKER_DOWN)
+        try:
+            return await command(*args)
+        except self.errors as exc:
+            self.lost(exc)
+            if self.pubsub is not None and self.pubsub.connection is not None:
+                self.spawn(self.pubsub.connection.disconnect())
+            raise Unavailable(BROKER_DOWN) from exc
+
+    async def recover(self) -> None:
+        """After (re)connecting: our heartbeat, and our names as they are here."""
+        try:
+            await self.heartbeat(reconcile=False)
+            rooms = {name.decode() for name in
+                     await self.call(self.client.smembers, self.proc_rooms_key)}
+            for name in rooms | set(self.chat.rooms):
+                await self.reconcile(name)
+        except Unavailable:
+            pass
+
+    async def reconcile(self, room_name: str) -> None:
+        room = self.chat.rooms.get(room_name)
+        args = [self.channel(room_name), room_name, self.proc, self.room_ttl_ms,
+                room.epoch if room else "", room.seq if room else 0]
+        for member in (room.members.values() if room else ()):
+            args += [fold(member.name),
+                     self.member_value(member.name, member.key, member.session)]
+        taken = await self.call(
+            self.reconcile_script,
+            self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
+            + [self.proc_rooms_key], args)
+        for folded in taken:
+            # Someone else holds the name now (maybe this client, back on a
+            # new connection): two members of one name must not be.
+            log.warning("room %s: %s was taken while the broker was away", room_name,
+                        folded.decode())
+            member = room.members.pop(folded.decode(), None) if room else None
+            if member is not None:
+                member.connection.close(CLOSE_TRY_AGAIN, "your name was taken meanwhile; "
+                                                         "connect again")
+        if room is not None:
+            self.forget_if_empty(room)
+
+    async def beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                await self.heartbeat()
+                await self.call(self.sweep_script, ["chat:procs"],
+                                [self.db, self.room_ttl_ms, ""])
+            except Unavailable:
+                pass
+            except Exception:
+                log.exception("broker: heartbeat failed")
+
+    async def heartbeat(self, reconcile: bool = True) -> None:
+        """Say we are alive.  If our key had expired (this process stalled,
+        or Redis lost it), others may have removed our names: put them back."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
+        pipe.sadd("chat:procs", self.proc)
+        previous, _ = await self.call(pipe.execute)
+        self.beats += 1
+        if previous is None and self.beats > 1 and reconcile:
+            log.warning("broker: our heartbeat key was gone; registering our names again")
+            for name in list(self.chat.rooms):
+                await self.reconcile(name)
+
+    # Helpers
+
+    def spawn(self, coroutine) -> None:
+        """Run `coroutine` on its own; log it if it fails unexpectedly."""
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.done)
+
+    def done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and \
+                not isinstance(task.exception(), Unavailable):
+            log.error("broker task failed", exc_info=task.exception())
+
+    def channel(self, room_name: str) -> str:
+        return f"chat:{self.db}:{room_name}"
+
+    @staticmethod
+    def room_keys(room_name: str, *parts: str) -> list[str]:
+        return [f"chat:{room_name}:{part}" for part in parts]
+
+    def member_value(self, name: str, key: str, session: str | None) -> bytes:
+        """A member's entry in a room's names, up to what the script fills
+        in: its order, and before that its session if it is None (a join)."""
+        entry = {"name": name, "proc": self.proc, "key": key, "session": session}
+        if session is None:
+            return frame_prefix(entry, "session")
+        return frame_prefix({**entry, "n": 0}, "n")
+
+    @staticmethod
+    def session_keys(session: str) -> list[str]:
+        return [f"chat:session:{session}:cids", f"chat:session:{session}:order"]
+
+
+async def connect_redis(url: str):
+    """A redis.asyncio client for `url` that has answered a PING; raise
+    Unavailable with a one-line reason if there is none."""
+    import redis.asyncio
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    client = None
+    try:
+        # At most REDIS_CONNECTIONS: a burst of lines waits for one rather
+        # than opening a connection per sender.
+        client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0)))  # the broker retries itself, with backoff
+        await client.ping()
+    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+        if client is not None:
+            await client.aclose()
+        raise Unavailable(f"cannot reach the message broker at {safe_url(url)}: "
+                          f"{exc}") from None
+    return client
+
+
+async def check_broker(url: str) -> None:
+    """Raise Unavailable unless Redis at `url` answers (before --workers start)."""
+    client = await connect_redis(url)
+    await client.aclose()
