@@ -418,6 +418,29 @@ async def test_redis_stopped_and_restarted_mid_chat(cluster, redis_server):
     assert user_frames(carol.backlog) == [(2, "alice", "after")]
 
 
+async def test_an_acked_line_refused_while_redis_is_away_is_posted_once_when_resent(
+        cluster, redis_server):
+    a = cluster(1)
+    alice = await join(a.url, "r", name="alice", acks=1)
+    redis_server.stop()
+    await asyncio.sleep(0.2)
+    await alice.send(json.dumps({"cid": "down", "line": "while down"}))
+    error = await alice.expect(event="error")
+    assert error["cid"] == "down" and error["message"] == BROKER_DOWN
+    redis_server.start()
+    async with asyncio.timeout(20):  # the page resends with the same cid until it is acked
+        while True:
+            await alice.send(json.dumps({"cid": "down", "line": "while down"}))
+            answer = await alice.expect(cid="down")
+            if answer["event"] == "ack":
+                break
+            await asyncio.sleep(0.3)
+    await alice.send(json.dumps({"cid": "down", "line": "while down"}))
+    assert (await alice.expect(cid="down"))["seq"] == answer["seq"]
+    carol = await join(a.url, "r", name="carol")  # the history shows it once
+    assert user_frames(carol.backlog) == [(answer["seq"], "alice", "while down")]
+
+
 async def test_a_name_taken_while_redis_was_away_is_not_held_twice(cluster, redis_server):
     a = cluster(1)
     alice = await join(a.url, "r", name="alice")
