@@ -498,8 +498,8 @@ class Acked:
 class Session:
     """The acked lines of one session, as an in-memory back-end keeps them:
     at least the last CID_MEMORY_LINES, and all those of the last
-    CID_MEMORY_S seconds.  A session is forgotten CID_MEMORY_S after its
-    last connection left."""
+    CID_MEMORY_S seconds (see Chat.forget_idle_sessions for how long a
+    session is kept)."""
 
     lines: collections.OrderedDict[str, tuple[int | None, float]] = dataclasses.field(
         default_factory=collections.OrderedDict)  # cid -> (seq, when)
@@ -567,9 +567,13 @@ class Chat:
             del self.rooms[room_name]
 
     def forget_idle_sessions(self) -> None:
+        """Forget sessions with no connection for --room-ttl (at least
+        CID_MEMORY_S): while a room keeps a message, its sender's session
+        keeps its cid."""
         now = self.clock()
+        keep = max(CID_MEMORY_S, self.config.room_ttl)
         for key, session in list(self.sessions.items()):
-            if not session.connections and now - session.left_at >= CID_MEMORY_S:
+            if not session.connections and now - session.left_at >= keep:
                 del self.sessions[key]
 
     # What clients do, in this process's memory

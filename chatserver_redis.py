@@ -258,7 +258,8 @@ local function remove_names(room, channel, proc, except)
 end
 """
 
-# KEYS: seq, epoch, history, the session's cids, its order.  ARGV: channel,
+# KEYS: seq, epoch, history, the session's cids, its order, the member's
+# key's session.  ARGV: channel,
 # frame prefix, history limit, epoch, last seq known, cid ("" if none), cids
 # kept, ms they are kept, ms the session is kept.  Returns {seq, epoch}: the
 # seq the cid got before, if it was acked before (then nothing is posted).
@@ -275,16 +276,17 @@ redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
 redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
 if ARGV[6] ~= '' then
   remember_line(KEYS[4], KEYS[5], ARGV[6], seq, tonumber(ARGV[7]), tonumber(ARGV[8]))
-  keep_session(ARGV[9], KEYS[4], KEYS[5])
+  keep_session(ARGV[9], KEYS[4], KEYS[5], KEYS[6])
 end
 return {seq, epoch}
 """
 
-# KEYS: the session's cids, its order.  ARGV: cid, seq ("-": a command),
-# cids kept, ms they are kept, ms the session is kept.
+# KEYS: the session's cids, its order, the member's key's session.
+# ARGV: cid, seq ("-": a command), cids kept, ms they are kept, ms the
+# session is kept.
 LUA_REMEMBER = LUA_COMMON + """
 remember_line(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-keep_session(ARGV[5], KEYS[1], KEYS[2])
+keep_session(ARGV[5], KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
@@ -580,7 +582,7 @@ class RedisRooms(Rooms):
         frame = chat(room.name, member.name, text, 0, action)
         seq, epoch = await self.call(
             self.post_script,
-            self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member.session),
+            self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
             [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
              room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
              self.session_ttl_ms])
@@ -610,13 +612,13 @@ class RedisRooms(Rooms):
         return None
 
     async def recall(self, member: Member, cid: str) -> Acked | None:
-        seq = await self.call(self.client.hget, self.session_keys(member.session)[0], cid)
+        seq = await self.call(self.client.hget, self.session_keys(member)[0], cid)
         if seq is None:
             return None
         return Acked(None if seq == b"-" else int(seq))
 
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
-        await self.call(self.remember_script, self.session_keys(member.session),
+        await self.call(self.remember_script, self.session_keys(member),
                         [cid, "-" if seq is None else seq, CID_MEMORY_LINES,
                          int(CID_MEMORY_S * 1000), self.session_ttl_ms])
 
@@ -652,8 +654,7 @@ class RedisRooms(Rooms):
         try:
             await self.call(
                 self.leave_script,
-                [f"chat:{room.name}:names", self.proc_rooms_key,
-                 *self.session_keys(member.session), f"chat:key:{member.key}"],
+                [f"chat:{room.name}:names", self.proc_rooms_key, *self.session_keys(member)],
                 [self.channel(room.name), room.name, fold(member.name), self.proc,
                  frame_prefix(left(room.name, member.name, 0), "count"), self.room_ttl_ms,
                  int(last_here), member.key, self.session_ttl_ms])
@@ -882,8 +883,10 @@ class RedisRooms(Rooms):
         return frame_prefix({**entry, "n": 0}, "n")
 
     @staticmethod
-    def session_keys(session: str) -> list[str]:
-        return [f"chat:session:{session}:cids", f"chat:session:{session}:order"]
+    def session_keys(member: Member) -> list[str]:
+        """The member's session's cids and their order, and its key's session."""
+        return [f"chat:session:{member.session}:cids", f"chat:session:{member.session}:order",
+                f"chat:key:{member.key}"]
 
 
 async def connect_redis(url: str):

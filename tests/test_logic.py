@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chatserver import (Chat, Config, Member, MemoryRooms, Room, Refused, name_problem,
-                        room_from_path, run_now)
+from chatserver import (ACKED_FRAME, CID_MEMORY_S, Acked, Chat, Config, Member, MemoryRooms,
+                        Refused, Room, Session, name_problem, room_from_path, run_now, unwrap)
 
 
 class Clock:
@@ -461,3 +461,65 @@ def test_presence_lists_who_came_back_within_the_second_as_here_once():
     [notice] = room_frames(room)
     assert notice["joined"] == ["m0"] and notice["left"] == ["brief"]
     assert notice["count"] == 3
+
+
+# Acked lines (acks=1) -------------------------------------------------------
+
+
+def test_a_session_keeps_its_last_1000_lines_and_all_of_the_last_10_minutes():
+    session = Session()
+    for n in range(1500):  # all within ten minutes: all kept
+        session.remember(f"c{n}", n, now=n * 0.1)
+    assert session.recall("c0") == Acked(0) and len(session.lines) == 1500
+    session.remember("late", None, now=150 + CID_MEMORY_S)  # the first ones are old now
+    assert len(session.lines) == 1000 and session.recall("c0") is None
+    assert session.recall("late") == Acked(None) and session.recall("c1499") == Acked(1499)
+
+
+def test_a_session_is_forgotten_only_once_it_has_been_without_a_connection_long_enough():
+    chat, clock = make_chat(room_ttl=3600)
+    alice, out = chat.join("lobby", "alice")
+    key = frames(out)[0]["key"]
+    receive(chat, alice, "hi", cid="c1")
+    chat.leave(alice)
+    clock.now += 3599
+    chat.forget_idle_sessions()
+    back, _ = chat.join("lobby", "alice", key=key)
+    assert back.key == key and chat.recall(back, "c1") == Acked(1)
+    chat.leave(back)
+    clock.now += 3600
+    chat.forget_idle_sessions()
+    again, _ = chat.join("lobby", "alice", key=key)
+    assert again.key != key and chat.recall(again, "c1") is None
+
+
+def test_an_acked_line_gets_one_ack_and_is_posted_once():
+    chat, _ = make_chat()
+    alice, _ = chat.join("lobby", "alice")
+    room_frames(alice.room)
+    [ack] = frames(receive(chat, alice, "hello", cid="c1"))
+    assert ack["event"] == "ack" and ack["cid"] == "c1" and ack["seq"] == 1
+    [again] = frames(receive(chat, alice, "hello", cid="c1"))
+    assert again["seq"] == 1
+    assert [f["seq"] for f in room_frames(alice.room) if f["type"] == "user"] == [1]
+
+
+def test_a_refused_acked_line_gets_an_error_with_its_cid_and_is_not_remembered():
+    chat, _ = make_chat(max_chars=5)
+    alice, _ = chat.join("lobby", "alice")
+    [error] = frames(receive(chat, alice, "too long", cid="c1"))
+    assert error["event"] == "error" and error["cid"] == "c1"
+    [ack] = frames(receive(chat, alice, "short", cid="c1"))  # judged afresh
+    assert ack["event"] == "ack" and ack["seq"] == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"cid": "a1", "line": "hi"}', ("a1", "hi", None)),
+    ('{"cid": "a1", "line": ""}', ("a1", "", None)),
+    ('{"cid": "a1"}', ("a1", None, ACKED_FRAME)),
+    ('{"cid": "a b", "line": "hi"}', (None, None, ACKED_FRAME)),
+    ('not json', (None, None, ACKED_FRAME)),
+    ('["a1", "hi"]', (None, None, ACKED_FRAME)),
+])
+def test_unwrap_reads_an_acked_frame_or_says_what_was_expected(text, expected):
+    assert unwrap(text) == expected
