@@ -84,6 +84,7 @@ CID_MEMORY_S = 600.0  # ...and all those of the last 10 minutes, and lives that 
 FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
+STORE_ROOMS = 100_000  # rooms a --store keeps on disk: the most recently active
 CROWD_MEMBERS = 100
 BATCH_WINDOW_MS = 15.0  # a busy room sends at most every 15 ms; see --batch-window
 PRESENCE_INTERVAL_S = 1.0  # a crowded room's joins and leaves, gathered
@@ -127,6 +128,8 @@ class Config:
     log_level: str = "INFO"
     uvloop: bool = False
     broker: str | None = None  # redis://HOST:PORT/DB to share rooms with other processes
+    store: str | None = None  # a SQLite file that keeps rooms across restarts
+    store_rooms: int = STORE_ROOMS
     workers: int = 1
 
 
@@ -353,12 +356,16 @@ class Room:
 
     def post(self, name: str, text: str, action: bool = False) -> int:
         """Number a chat message, keep it in history, queue it for everyone."""
-        self.seq += 1
-        data = encode(chat(self.name, name, text, self.seq, action))
-        self.history.append((self.seq, data))
+        seq = self.seq + 1
+        self.keep(seq, encode(chat(self.name, name, text, seq, action)))
+        return seq
+
+    def keep(self, seq: int, data: bytes) -> None:
+        """Keep the chat message `seq` in history and queue it for everyone."""
+        self.seq = seq
+        self.history.append((seq, data))
         self.pending.append(data)
-        self.pending_seq.append(self.seq)
-        return self.seq
+        self.pending_seq.append(seq)
 
     def take_pending(self) -> list[bytes]:
         """Hand the queued frames to the fan-out."""
@@ -875,6 +882,13 @@ class Rooms:
         """Raise Refused if a newcomer cannot enter `room_name` now."""
         self.chat.check_room(room_name)
 
+    def health(self) -> str | None:
+        """Why the chat cannot work now (for /healthz), or None."""
+        return None
+
+    async def sweep(self) -> None:
+        """Housekeeping, every minute or so."""
+
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         """Let a newcomer in: a name (taken over from its old connection if
         the ticket's key says so), its session, the welcome and the history
@@ -1001,6 +1015,9 @@ def open_rooms(config: Config, chat: Chat, fanout: Fanout) -> Rooms:
     if config.broker:
         from chatserver_redis import RedisRooms  # needs the redis package
         return RedisRooms(chat, fanout, config)
+    if config.store:
+        from chatserver_store import StoreRooms
+        return StoreRooms(chat, fanout, config)
     return MemoryRooms(chat, fanout)
 
 
@@ -1353,7 +1370,8 @@ class ChatServer:
     def http_answer(self, client: Client, request: Request) -> Response:
         path = request.path.partition("?")[0]
         if path == "/healthz":
-            return client.protocol.reject(200, "ok\n")
+            problem = self.rooms.health()
+            return client.protocol.reject(503 if problem else 200, f"{problem or 'ok'}\n")
         if path == "/metrics":
             response = client.protocol.reject(200, self.metrics_text())
             del response.headers["Content-Type"]
@@ -1419,6 +1437,10 @@ class ChatServer:
             await asyncio.sleep(interval)
             self.chat.forget_idle_rooms()
             self.chat.forget_idle_sessions()
+            try:
+                await self.rooms.sweep()
+            except Unavailable as exc:
+                log.warning("sweep: %s", exc)
 
     # Shutdown
 
@@ -1530,6 +1552,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--broker", metavar="redis://HOST:PORT/DB",
         help="share rooms with every chatserver process that uses this Redis server "
              "(pip install chatserver[redis]); default: rooms live in this process only")
+    add("--store", metavar="PATH",
+        help="keep rooms (epoch, numbering, the last --history messages) and what each "
+             "session sent in a SQLite file at PATH, created if missing, so that they "
+             "survive a restart; default: rooms live in memory only")
+    add("--store-rooms", type=int, default=STORE_ROOMS, metavar="N",
+        help="rooms --store keeps on disk: the N most recently active; older ones are "
+             "deleted")
     add("--workers", type=int, default=1,
         help="processes serving the same port (SO_REUSEPORT), one per core; needs --broker")
     args = parser.parse_args(argv)
@@ -1539,7 +1568,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
     for flag in ("history", "crowd", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
-                 "max_per_ip", "max_buffer"):
+                 "max_per_ip", "max_buffer", "store_rooms"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     options = vars(args)
@@ -1550,6 +1579,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def check_scale_out_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.store and args.broker:
+        parser.error("--store and --broker cannot go together: with --broker, Redis keeps "
+                     "the rooms")
     if args.workers > 1 and not args.broker:
         parser.error("--workers needs --broker redis://HOST:PORT/DB: worker processes "
                      "share their rooms only through Redis")

@@ -520,6 +520,9 @@ class RedisRooms(Rooms):
         if self.client is not None:
             await self.client.aclose()
 
+    def health(self) -> str | None:
+        return None if self.up.is_set() else "the message broker is down"
+
     def check_room(self, room_name: str) -> None:
         if not self.up.is_set():
             raise Refused(503, "chat is unavailable: the message broker is down; "

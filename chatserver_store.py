@@ -1,0 +1,408 @@
+"""chatserver_store: rooms that survive a restart, for chatserver --store PATH.
+
+Rooms live in this process's memory as without a store (names, presence and
+the fan-out are chatserver's), and each room's epoch, numbering and last
+--history messages, and each session's acked lines, are kept in a SQLite
+database at PATH.  A room is read from it when first joined, so a large
+database does not slow the start.
+
+A chat message is numbered, written and committed first, then broadcast and
+acked, so whatever a client saw or was acked is on disk.  The database is
+used from one thread of its own (`Store`): the event loop never waits on
+the disk; it hands over jobs and is called back when they are done.  Jobs
+that arrive while a commit is under way are committed together, so under load
+one commit (one fsync) carries many messages.
+
+The journal is WAL with synchronous=FULL: a commit is on the disk before the
+message goes out, so neither a crash nor a power cut loses an acked message
+(as far as the disk keeps its word about fsync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import fcntl
+import logging
+import queue
+import sqlite3
+import threading
+import time
+
+from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, Chat, Config, Fanout, Member,
+                        MemoryRooms, Outgoing, Session, Ticket, Unavailable, chat,
+                        encode)
+
+log = logging.getLogger("chatserver")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 1000  # a write that waits this long for a lock has failed
+GROUP_JOBS = 1000  # at most this many jobs in one commit
+
+SCHEMA = """
+CREATE TABLE rooms (
+  name TEXT PRIMARY KEY,
+  epoch TEXT NOT NULL,
+  seq INTEGER NOT NULL,        -- the last seq given out
+  active_at REAL NOT NULL      -- when the last message was posted (unix time)
+) WITHOUT ROWID;
+CREATE INDEX rooms_by_activity ON rooms (active_at);
+CREATE TABLE messages (
+  room TEXT NOT NULL,
+  seq INTEGER NOT NULL,
+  frame BLOB NOT NULL,         -- the chat frame exactly as sent
+  PRIMARY KEY (room, seq)
+) WITHOUT ROWID;
+CREATE TABLE lines (           -- each session's acked lines
+  id INTEGER PRIMARY KEY,
+  session TEXT NOT NULL,
+  cid TEXT NOT NULL,
+  seq INTEGER,                 -- NULL: a command
+  at REAL NOT NULL
+);
+CREATE UNIQUE INDEX lines_by_cid ON lines (session, cid);
+CREATE INDEX lines_by_age ON lines (at);
+"""
+
+
+@dataclasses.dataclass
+class StoredRoom:
+    epoch: str
+    seq: int
+    frames: list[tuple[int, bytes]]  # the last --history messages, oldest first
+
+
+class Store:
+    """The SQLite database at `path`, used from a thread of its own.
+
+    `call(job)` runs `job(store)` there and returns an asyncio future of its
+    result.  Jobs that only read run at once; those that write run in the
+    order they came, and those waiting together are committed together; if
+    the commit fails, every job of the group fails with Unavailable ("not
+    saved: ...") and what they wrote is undone.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.db: sqlite3.Connection | None = None
+        self.lock_file = None
+        self.seqs: dict[str, int] = {}  # each room's last seq, as the disk has it
+        self.problem: str | None = None  # why the last commit failed, until one works
+
+    # Starting and stopping (from the event loop's thread)
+
+    def open(self) -> None:
+        """Open the database and start the thread; raise Unavailable with a
+        one-line reason if PATH cannot be used (never repair it silently)."""
+        self.lock_file = self.lock()
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise Unavailable(f"the store {self.path} was made by a newer chatserver "
+                                  f"(schema {version}; this one knows {SCHEMA_VERSION})")
+            if version == 0:
+                if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise Unavailable(f"{self.path} is a SQLite database, but not a "
+                                      "chatserver store")
+                db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; "
+                                 "COMMIT;")
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise Unavailable(f"the store {self.path} cannot use a WAL journal")
+            db.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as exc:
+            self.lock_file.close()
+            raise Unavailable(f"cannot open the store {self.path}: {exc}") from None
+        self.db = db
+        self.thread = threading.Thread(target=self.run, name="chatserver-store", daemon=True)
+        self.thread.start()
+
+    def lock(self):
+        """Hold PATH.lock: two processes on one store would each number its
+        rooms, so the second one refuses to start."""
+        try:
+            lock_file = open(self.path + ".lock", "a")
+        except OSError as exc:
+            raise Unavailable(f"cannot open the store {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise Unavailable(f"the store {self.path} is in use by another chatserver "
+                              "process") from None
+        return lock_file
+
+    async def close(self) -> None:
+        """Commit what is pending, then stop the thread and close the file."""
+        if self.thread is None:
+            return
+        self.jobs.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self.thread.join)
+        self.db.close()
+        self.lock_file.close()
+        self.thread = None
+
+    def call(self, job) -> asyncio.Future:
+        future = concurrent.futures.Future()
+        self.jobs.put((job, future))
+        return asyncio.wrap_future(future)
+
+    # The thread
+
+    def run(self) -> None:
+        while True:
+            first = self.jobs.get()
+            group = [first]
+            while first is not None and len(group) < GROUP_JOBS:
+                try:
+                    group.append(self.jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in group
+            group = [job for job in group if job is not None]
+            self.read([job for job in group if not job[0].writes])
+            self.commit([job for job in group if job[0].writes])
+            if stop:
+                return
+
+    def read(self, jobs: list) -> None:
+        """Run jobs that only read: they need no lock (WAL), so they work
+        even while writing fails."""
+        for job, future in jobs:
+            try:
+                future.set_result(job(self))
+            except sqlite3.Error as exc:
+                future.set_exception(Unavailable(f"the chat's store cannot be read ({exc})"))
+
+    def commit(self, group: list) -> None:
+        if not group:
+            return
+        seqs = dict(self.seqs)  # to undo what a failed group numbered
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            results = [job(self) for job, _ in group]
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self.seqs = seqs
+            self.failed(f"not saved: {exc}")
+            for _, future in group:
+                future.set_exception(Unavailable(f"not saved: the chat's store failed ({exc})"))
+            return
+        self.recovered()
+        for (_, future), result in zip(group, results):
+            future.set_result(result)
+
+    def failed(self, problem: str) -> None:
+        if self.problem is None:
+            log.error("store %s: %s; lines are refused until it can be written again",
+                      self.path, problem)
+        self.problem = problem
+
+    def recovered(self) -> None:
+        if self.problem is not None:
+            log.warning("store %s: writable again", self.path)
+        self.problem = None
+
+    # What jobs do, on the thread
+
+    def last_seq(self, room: str) -> int:
+        if room not in self.seqs:
+            row = self.db.execute("SELECT seq FROM rooms WHERE name = ?", (room,)).fetchone()
+            self.seqs[room] = row[0] if row else 0
+        return self.seqs[room]
+
+
+# The jobs: each runs on the store's thread, inside a group's transaction.
+
+
+@dataclasses.dataclass
+class Load:
+    """A room as the store has it, or None if it has none."""
+
+    room: str
+    history: int
+    writes = False
+
+    def __call__(self, store: Store) -> StoredRoom | None:
+        db = store.db
+        row = db.execute("SELECT epoch, seq FROM rooms WHERE name = ?", (self.room,)).fetchone()
+        if row is None:
+            return None
+        epoch, seq = row
+        frames = db.execute("SELECT seq, frame FROM messages WHERE room = ? AND seq > ? "
+                            "ORDER BY seq", (self.room, seq - self.history)).fetchall()
+        return StoredRoom(epoch, seq, frames)
+
+
+@dataclasses.dataclass
+class Post:
+    """Number, keep and remember one chat message; its (seq, frame)."""
+
+    room: str
+    epoch: str
+    name: str
+    text: str
+    action: bool
+    history: int
+    session: str
+    cid: str | None
+    writes = True
+
+    def __call__(self, store: Store) -> tuple[int, bytes]:
+        db = store.db
+        seq = store.last_seq(self.room) + 1
+        store.seqs[self.room] = seq
+        frame = encode(chat(self.room, self.name, self.text, seq, self.action))
+        now = time.time()
+        db.execute("INSERT INTO rooms VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                   "SET seq = excluded.seq, active_at = excluded.active_at",
+                   (self.room, self.epoch, seq, now))
+        db.execute("INSERT INTO messages VALUES (?, ?, ?)", (self.room, seq, frame))
+        db.execute("DELETE FROM messages WHERE room = ? AND seq <= ?",
+                   (self.room, seq - self.history))
+        if self.cid is not None:
+            Remember(self.session, self.cid, seq)(store)
+        return seq, frame
+
+
+@dataclasses.dataclass
+class Remember:
+    session: str
+    cid: str
+    seq: int | None
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        store.db.execute("INSERT OR REPLACE INTO lines (session, cid, seq, at) "
+                         "VALUES (?, ?, ?, ?)", (self.session, self.cid, self.seq, time.time()))
+
+
+@dataclasses.dataclass
+class SessionLines:
+    """A session's acked lines, oldest first: [(cid, seq, at)]."""
+
+    session: str
+    writes = False
+
+    def __call__(self, store: Store) -> list[tuple[str, int | None, float]]:
+        return store.db.execute("SELECT cid, seq, at FROM lines WHERE session = ? ORDER BY id",
+                                (self.session,)).fetchall()
+
+
+@dataclasses.dataclass
+class Prune:
+    """Keep the disk bounded: at most `rooms` rooms (the most recently
+    active), and each session's acked lines as chatserver.Session keeps
+    them: its last CID_MEMORY_LINES and all younger than `keep_s`."""
+
+    rooms: int
+    keep_s: float
+    writes = True
+
+    def __call__(self, store: Store) -> int:
+        db = store.db
+        old = [name for (name,) in db.execute(
+            "SELECT name FROM rooms ORDER BY active_at DESC LIMIT -1 OFFSET ?", (self.rooms,))]
+        for name in old:
+            db.execute("DELETE FROM messages WHERE room = ?", (name,))
+            db.execute("DELETE FROM rooms WHERE name = ?", (name,))
+            store.seqs.pop(name, None)
+        db.execute("DELETE FROM lines WHERE at < ? AND id NOT IN (SELECT id FROM lines AS newer "
+                   "WHERE newer.session = lines.session ORDER BY id DESC LIMIT ?)",
+                   (time.time() - self.keep_s, CID_MEMORY_LINES))
+        return len(old)
+
+
+class StoreRooms(MemoryRooms):
+    """Rooms in memory, kept in a SQLite store: a message is broadcast and
+    acked once it is committed."""
+
+    waits = True
+
+    def __init__(self, chat: Chat, fanout: Fanout, config: Config) -> None:
+        super().__init__(chat, fanout)
+        self.store = Store(config.store)
+        self.history = config.history
+        self.max_stored_rooms = config.store_rooms
+        self.keep_s = max(CID_MEMORY_S, config.room_ttl)
+        self.loading: dict[str, asyncio.Future] = {}
+        self.in_flight: dict[tuple[str, str], asyncio.Future] = {}  # (session, cid): its post
+
+    async def start(self) -> None:
+        self.store.open()
+        log.info("store %s", self.store.path)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def health(self) -> str | None:
+        return self.store.problem
+
+    async def sweep(self) -> None:
+        gone = await self.store.call(Prune(self.max_stored_rooms, self.keep_s))
+        if gone:
+            log.info("store %s: forgot %d least recently active rooms", self.store.path, gone)
+
+    # What clients do
+
+    async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        if ticket.room not in self.chat.rooms:
+            await self.load(ticket.room)
+        if ticket.key and ticket.key not in self.chat.sessions:
+            await self.load_session(ticket.key)
+        return await super().join(ticket)
+
+    async def load(self, room_name: str) -> None:
+        """Read the room from the store, once however many join at once."""
+        loading = self.loading.get(room_name)
+        if loading is None:
+            loading = self.loading[room_name] = self.store.call(Load(room_name, self.history))
+            loading.add_done_callback(lambda _: self.loading.pop(room_name, None))
+        stored = await asyncio.shield(loading)
+        if stored is None or room_name in self.chat.rooms:
+            return
+        room = self.chat.open_room(room_name)
+        room.epoch = stored.epoch
+        room.seq = room.delivered_seq = stored.seq
+        room.history.extend(stored.frames)
+
+    async def load_session(self, key: str) -> None:
+        lines = await self.store.call(SessionLines(key))
+        if lines and key not in self.chat.sessions:
+            session = self.chat.sessions[key] = Session()
+            for cid, seq, at in lines:
+                session.lines[cid] = (seq, self.chat.clock() - (time.time() - at))
+
+    async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        if cid is not None:
+            acked = self.chat.recall(member, cid)
+            if acked is not None:
+                return acked.seq
+            in_flight = self.in_flight.get((member.session, cid))
+            if in_flight is not None:  # sent again before the first was committed
+                return await asyncio.shield(in_flight)
+        room = member.room
+        post = self.store.call(Post(room.name, room.epoch, member.name, text, action,
+                                    self.history, member.session, cid))
+        if cid is not None:
+            self.in_flight[member.session, cid] = post
+        try:
+            seq, frame = await post
+        finally:
+            if cid is not None:
+                self.in_flight.pop((member.session, cid), None)
+        room.keep(seq, frame)
+        if cid is not None:
+            self.chat.remember(member, cid, seq)
+        self.fanout.publish(room)
+        return seq
+
+    async def remember(self, member: Member, cid: str, seq: int | None) -> None:
+        await self.store.call(Remember(member.session, cid, seq))
+        self.chat.remember(member, cid, seq)
