@@ -306,6 +306,12 @@
     return null;
   }
 
+  function unshow(row) {
+    const next = row.nextElementSibling;
+    row.remove();
+    if (next) group(next);
+  }
+
   function group(row) {
     row.classList.toggle('continued', continues(row.previousElementSibling, row));
   }
@@ -577,7 +583,7 @@
     if (!entry) return;  // a line the page sent for itself (/who), or answered already
     forget(entry);
     if (!Number.isInteger(frame.seq) || rowOf(frame.seq)) {
-      entry.row.remove();
+      unshow(entry.row);
       return;
     }
     const message = { ...draft(entry.text), id: chat.name, seq: frame.seq, ts: frame.ts };
@@ -607,14 +613,14 @@
 
   function editRefused(entry) {  // back in the box; a new cid when sent again
     forget(entry);
-    entry.row.remove();
+    unshow(entry.row);
     ui.input.value = entry.text;
     ui.input.focus();
   }
 
   function discardRefused(entry) {
     forget(entry);
-    entry.row.remove();
+    unshow(entry.row);
     ui.input.focus();
   }
 
