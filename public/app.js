@@ -14,6 +14,10 @@
   const RETRY_FIRST_MS = 500;     // first retry after a drop, before jitter
   const RETRY_MAX_MS = 30000;     // backoff ceiling
   const WELCOME_TIMEOUT_MS = 10000;  // a connection not welcomed by then is retried
+  const ACK_TIMEOUT_MS = 5000;    // a line not answered by then: the socket is dead, though open
+  const RESEND_WINDOW_MS = 10 * 60 * 1000;  // the server remembers a session's lines this long
+  const CID_BYTES = 12;           // random bytes in a line's id (cid), besides the time
+  const TAB_KEY = 'chatserver.tab';  // sessionStorage: this tab's session and unsent lines
   const CLOSE_REPLACED = 4000;    // the server: this connection's name went to a newer one
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
@@ -23,7 +27,8 @@
 
   // Where the page connects, first match wins: ?server=, the chat-server meta
   // tag, then ws(s)://<this page's host, or localhost from disk>:8765/.
-  // The room is ?room= (default lobby); the name ?name=, else the last one used.
+  // The room is ?room= (default lobby). The name: this tab's, if it was
+  // reloaded; else ?name=; else the last one used in this browser.
   function resolveSettings() {
     const query = new URLSearchParams(location.search);
     const meta = document.querySelector('meta[name="chat-server"]');
@@ -31,16 +36,38 @@
     const server = query.get('server')
       || (meta && meta.content.trim())
       || `${scheme}//${location.hostname || 'localhost'}:${DEFAULT_PORT}/`;
+    const room = query.get('room') || DEFAULT_ROOM;
+    const kept = keptTab.load(server, room);
     return {
       server,
-      room: query.get('room') || DEFAULT_ROOM,
-      name: query.get('name') || savedName.get() || null,
+      room,
+      name: kept.name || query.get('name') || savedName.get() || null,
+      kept,
     };
   }
 
   const savedName = {  // localStorage may be off (privacy settings): never fatal
     get() { try { return localStorage.getItem(SAVED_NAME_KEY); } catch { return null; } },
     set(name) { try { localStorage.setItem(SAVED_NAME_KEY, name); } catch { /* not kept */ } },
+  };
+
+  // What this tab keeps across a reload (sessionStorage: this tab only), per
+  // server and room: the key and name that make the reconnect the same
+  // session on the server, and the lines not yet acknowledged, with their
+  // cids, so that resending them after the reload doubles nothing.
+  const keptTab = {
+    id: '',
+    load(server, room) {
+      this.id = `${TAB_KEY} ${server} ${room}`;
+      try {
+        const kept = JSON.parse(sessionStorage.getItem(this.id));
+        if (kept && typeof kept === 'object') return kept;
+      } catch { /* nothing kept, or not readable */ }
+      return {};
+    },
+    save(state) {
+      try { sessionStorage.setItem(this.id, JSON.stringify(state)); } catch { /* not kept */ }
+    },
   };
 
   // The socket URL for a room: ws://HOST:PORT/ROOM?name=&since=&epoch=.
@@ -92,7 +119,19 @@
   const link = {
     socket: null, attempts: 0, retryTimer: 0, welcomeTimer: 0,
     everOnline: false, url: '',
+    welcomed: false,       // the socket's welcome came: lines may go
+    awaiting: new Set(),   // cids sent on this socket and not yet answered...
+    ackTimer: 0,           // ...and the timer that finds the socket dead
+    deadLinks: 0,          // ack timeouts in a row, with no answer between
   };
+
+  // The outbox: lines typed and not yet acknowledged, in the order typed,
+  // each with its row and its cid. A cid is chosen once, when the line is
+  // typed: the server posts a line at most once per cid, so a line resent
+  // after a drop (or a reload) that had in fact arrived is not doubled.
+  // { cid, text, row, typedAt, sentAt: when first handed to a socket (0:
+  //   never), refused: the server's reason, or null }
+  const outbox = [];
 
   // Rows: one function per kind of row. Text only ever goes in as text.
 
@@ -187,6 +226,39 @@
     return row;
   }
 
+  // A line of ours that is not (yet) a message: "Sending…" until its ack, or
+  // refused, with the server's reason and what can be done about it.
+  function outgoingRow(entry) {
+    const frame = { ...draft(entry.text), id: chat.name || chat.wanted || 'you', ts: entry.typedAt };
+    const row = frame.action ? actionRow(frame, true) : chatRow(frame, true);
+    row.classList.add(entry.refused === null ? 'sending' : 'refused');
+    row.dataset.cid = entry.cid;
+    if (entry.refused === null) {
+      row.append(el('p', 'state', 'Sending…'));
+      return row;
+    }
+    row.append(el('p', 'state', `Not sent: ${entry.refused}`));
+    const actions = el('p', 'row-actions');
+    const edit = el('button', 'link-button', 'Edit and resend');
+    edit.type = 'button';
+    edit.addEventListener('click', () => editRefused(entry));
+    const discard = el('button', 'link-button', 'Discard');
+    discard.type = 'button';
+    discard.addEventListener('click', () => discardRefused(entry));
+    actions.append(edit, discard);
+    row.append(actions);
+    return row;
+  }
+
+  // What a line typed will show as once posted, as the server reads it:
+  // "/me waves" is an action, "//x" the message "/x", other commands as typed.
+  function draft(text) {
+    const [verb] = text.split(' ', 1);
+    if (verb.toLowerCase() === '/me') return { message: text.slice(verb.length).trim(), action: true };
+    if (text.startsWith('//')) return { message: text.slice(1) };
+    return { message: text };
+  }
+
   // System notices come only from the server's "sys" frames or from the page
   // itself, and look nothing like a chat line: no sender, centred, marked.
   function noticeRow(message, kind, ts) {
@@ -198,11 +270,15 @@
     return row;
   }
 
+  // A row from the server goes after everything before it but above our
+  // lines still sending (they stay last until the server has them) and our
+  // lines acked before their echo came with a later seq. Our own new lines
+  // (`mine`) go last.
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
-    const previous = list.lastElementChild;
-    if (continues(previous, row)) row.classList.add('continued');
-    list.append(row);
+    list.insertBefore(row, mine ? null : placeFor(row));
+    group(row);
+    if (row.nextElementSibling) group(row.nextElementSibling);
     while (list.childElementCount > MAX_ROWS) list.firstElementChild.remove();
     if (view.atBottom || mine) {
       scrollToEnd();
@@ -220,6 +296,24 @@
     ui.messages.scrollTop = ui.messages.scrollHeight;
     view.atBottom = true;
     ui.jump.hidden = true;
+  }
+
+  function placeFor(row) {
+    const seq = Number(row.dataset.seq);  // NaN for a notice: only above lines sending
+    for (const later of ui.messages.querySelectorAll(':scope > li.sending, :scope > li.early')) {
+      if (later.classList.contains('sending') || Number(later.dataset.seq) > seq) return later;
+    }
+    return null;
+  }
+
+  function unshow(row) {
+    const next = row.nextElementSibling;
+    row.remove();
+    if (next) group(next);
+  }
+
+  function group(row) {
+    row.classList.toggle('continued', continues(row.previousElementSibling, row));
   }
 
   function continues(previous, row) {
@@ -296,13 +390,20 @@
 
   function onChat(frame) {
     let history = false;
+    let acked = null;
     if (Number.isInteger(frame.seq)) {
       if (frame.seq <= chat.lastSeq) return;  // seen already (history after a resume)
       chat.lastSeq = frame.seq;
       history = frame.seq <= chat.historyUpTo;
+      acked = rowOf(frame.seq);  // our line, shown since its ack: this is its echo
     }
     const own = frame.id === chat.name;
     const row = frame.action ? actionRow(frame, own) : chatRow(frame, own);
+    if (acked) {
+      acked.replaceWith(row);
+      group(row);
+      return;
+    }
     const spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
     show(row, { announce: history || own ? '' : spoken, mine: own && !history });
     if (!history && document.hidden) {
@@ -358,8 +459,13 @@
         }
         notice(frame.message, 'info', frame.ts);
         return;
+      case 'ack':
+        answered(frame.cid);
+        onAck(frame);
+        return;
       case 'error':
-        notice(frame.message, 'error', frame.ts);
+        answered(frame.cid);
+        if (!onRefused(frame)) notice(frame.message, 'error', frame.ts);
         return;
       case 'gap':
         notice(frame.message, 'gap', frame.ts);
@@ -376,6 +482,10 @@
     if (resumed && frame.epoch !== chat.epoch) {
       notice('The room started over on the server: earlier messages are not in it any more.', 'gap');
       chat.lastSeq = 0;
+      for (const row of ui.messages.querySelectorAll(':scope > li[data-seq]')) {
+        delete row.dataset.seq;  // numbers of the old epoch: a new message may reuse them
+        row.classList.remove('early');
+      }
     }
     chat.epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
     chat.key = typeof frame.key === 'string' ? frame.key : null;
@@ -388,11 +498,13 @@
     becomeNamed(name, chosen && (name === chosen || name.startsWith(`${chosen}-`)) ? chosen : null);
     setOnline(Array.isArray(frame.online) ? frame.online : [chat.name]);
     link.everOnline = true;
+    link.welcomed = true;
     setState('online');
     if (resumed) notice('Reconnected.', 'info', frame.ts);
     else notice(frame.message, 'info', frame.ts);
-    if (ui.input.value.trim()) hint('Back online: press Enter to send your message.');
-    else hint(HINT);
+    hint(HINT);
+    resend();
+    keep();
   }
 
   // `remember`: a name the user chose, kept for the next visit.
@@ -405,6 +517,7 @@
     }
     ui.me.textContent = name;
     ui.me.title = `Change your name (now ${name})`;
+    keep();
   }
 
   // We got our name with a suffix (alice-2: it was taken, perhaps by our own
@@ -416,6 +529,140 @@
         && freed.toLowerCase() === preferred.toLowerCase()) {
       sendLine(`/nick ${preferred}`);
     }
+  }
+
+  // Sending, acknowledged: each line typed goes in the outbox with its cid
+  // and shows as "Sending…"; it goes out once the socket is welcomed, again
+  // after each new welcome until it is answered, and the server answers each
+  // one with an ack (its seq) or an error (its reason).
+
+  function queue(text) {
+    const entry = {
+      cid: newCid(), text, row: null, typedAt: Date.now(), sentAt: 0, refused: null,
+    };
+    entry.row = outgoingRow(entry);
+    outbox.push(entry);
+    show(entry.row, { announce: 'Sending…', mine: true });
+    keep();
+    if (!transmit(entry)) hint('Offline: your message is kept and goes out once the connection is back.');
+  }
+
+  function transmit(entry) {
+    if (!sendLine(entry.text, entry.cid)) return false;
+    entry.sentAt = entry.sentAt || Date.now();
+    return true;
+  }
+
+  // After a welcome: what is not answered yet goes out again, in order, with
+  // the same cids. A line handed to a socket longer ago than the server
+  // remembers cids might be posted twice: the user decides instead.
+  function resend() {
+    for (const entry of outbox) {
+      if (entry.refused !== null) continue;
+      if (entry.sentAt && Date.now() - entry.sentAt > RESEND_WINDOW_MS) {
+        refuse(entry, 'not confirmed for over 10 minutes; it may or may not have arrived');
+      } else {
+        transmit(entry);
+      }
+    }
+  }
+
+  function entryOf(cid) {
+    return outbox.find((entry) => entry.cid === cid) || null;
+  }
+
+  function rowOf(seq) {
+    return ui.messages.querySelector(`:scope > li[data-seq="${seq}"]`);
+  }
+
+  // Accepted: the line's row becomes its message (a command's row goes; what
+  // it did shows as notices). If the echo is already shown, that is the one
+  // row; else the row waits, marked `early`, for its echo to take its place.
+  function onAck(frame) {
+    const entry = entryOf(frame.cid);
+    if (!entry) return;  // a line the page sent for itself (/who), or answered already
+    forget(entry);
+    if (!Number.isInteger(frame.seq) || rowOf(frame.seq)) {
+      unshow(entry.row);
+      return;
+    }
+    const message = { ...draft(entry.text), id: chat.name, seq: frame.seq, ts: frame.ts };
+    const row = message.action ? actionRow(message, true) : chatRow(message, true);
+    if (frame.seq > chat.lastSeq) row.classList.add('early');
+    entry.row.replaceWith(row);
+    group(row);
+  }
+
+  // Refused: the line stays, with the reason, to be edited or discarded.
+  function onRefused(frame) {
+    const entry = entryOf(frame.cid);
+    if (!entry || entry.refused !== null) return false;
+    refuse(entry, frame.message);
+    return true;
+  }
+
+  function refuse(entry, reason) {
+    entry.refused = reason;
+    const row = outgoingRow(entry);
+    entry.row.replaceWith(row);
+    entry.row = row;
+    group(row);
+    say(`Not sent: ${reason}`);
+    keep();
+  }
+
+  function editRefused(entry) {  // back in the box; a new cid when sent again
+    forget(entry);
+    unshow(entry.row);
+    ui.input.value = entry.text;
+    ui.input.focus();
+  }
+
+  function discardRefused(entry) {
+    forget(entry);
+    unshow(entry.row);
+    ui.input.focus();
+  }
+
+  function forget(entry) {
+    outbox.splice(outbox.indexOf(entry), 1);
+    keep();
+  }
+
+  function keep() {
+    keptTab.save({
+      key: chat.key,
+      name: chat.preferred || chat.name || chat.wanted,
+      lines: outbox.map(({ cid, text, typedAt, sentAt, refused }) => ({
+        cid, text, typedAt, sentAt, refused,
+      })),
+    });
+  }
+
+  // The lines this tab had not got answered before it was reloaded.
+  function restore(kept) {
+    if (typeof kept.key === 'string') chat.key = kept.key;
+    for (const line of Array.isArray(kept.lines) ? kept.lines : []) {
+      if (!line || typeof line.cid !== 'string' || typeof line.text !== 'string') continue;
+      const entry = {
+        cid: line.cid,
+        text: line.text,
+        row: null,
+        typedAt: Number.isFinite(line.typedAt) ? line.typedAt : Date.now(),
+        sentAt: Number.isFinite(line.sentAt) ? line.sentAt : 0,
+        refused: typeof line.refused === 'string' ? line.refused : null,
+      };
+      entry.row = outgoingRow(entry);
+      outbox.push(entry);
+      show(entry.row, { mine: true });
+    }
+  }
+
+  // 1-64 of A-Z a-z 0-9 _ -, unique to this line: the time and random bytes.
+  function newCid() {
+    const bytes = crypto.getRandomValues(new Uint8Array(CID_BYTES));
+    const random = [...bytes].map((byte) => byte.toString(16).padStart(2, '0')).join('');
+    return `${Date.now().toString(36)}-${random}`;
   }
 
   // The connection: connect, get welcomed, and on a drop, retry with
@@ -435,14 +682,16 @@
       link.url = socketUrl(settings.server, settings.room, params);  // shown: no key
       // The key takes our name back from our old connection, if the server
       // has not yet noticed that it died (otherwise we would be alice-2).
+      // acks=1: each line goes as {cid, line} and is answered (see sendLine).
       socket = new WebSocket(socketUrl(settings.server, settings.room,
-        { ...params, key: chat.key }));
+        { ...params, key: chat.key, acks: '1' }));
     } catch (problem) {
       fatal(`Cannot connect: ${problem.message}`);
       return;
     }
     link.socket = socket;
-    link.welcomeTimer = setTimeout(() => socket.close(), WELCOME_TIMEOUT_MS);
+    link.welcomed = false;
+    link.welcomeTimer = setTimeout(() => abandon(scheduleRetry), WELCOME_TIMEOUT_MS);
     socket.addEventListener('message', (event) => {
       if (socket === link.socket) receive(event.data);
     });
@@ -451,8 +700,13 @@
     });
   }
 
-  function dropped(code) {
+  // `retry`: how to come back (scheduleRetry: after the backoff; connect: now).
+  function dropped(code, retry = scheduleRetry) {
     clearTimeout(link.welcomeTimer);
+    clearTimeout(link.ackTimer);
+    link.ackTimer = 0;
+    link.awaiting.clear();  // the lines in it are still in the outbox: resent after the welcome
+    link.welcomed = false;
     if (code === CLOSE_REPLACED) {  // our key came back on another connection:
       link.socket = null;           // retrying would take the name back and forth
       fatal('This chat was opened again elsewhere with your name; reload the page to chat here.');
@@ -463,7 +717,38 @@
     clearTimeout(chat.whoTimer);
     chat.whoTimer = 0;
     if (wasOnline) notice('Disconnected from the server. Reconnecting…', 'error');
-    scheduleRetry();
+    retry();
+  }
+
+  // A socket that looks open but answers nothing is dead (the laptop slept,
+  // the Wi-Fi changed): drop it now, without waiting for a closing handshake
+  // that may never come, and forget it, so that nothing it still says counts.
+  function abandon(retry) {
+    const socket = link.socket;
+    if (!socket) return;
+    link.socket = null;
+    socket.close();
+    dropped(null, retry);
+  }
+
+  // Every line sent must be answered within ACK_TIMEOUT_MS of the last answer.
+  function awaitAnswer(cid) {
+    link.awaiting.add(cid);
+    if (!link.ackTimer) link.ackTimer = setTimeout(ackTimedOut, ACK_TIMEOUT_MS);
+  }
+
+  function answered(cid) {
+    if (!link.awaiting.delete(cid)) return;
+    link.deadLinks = 0;
+    clearTimeout(link.ackTimer);
+    link.ackTimer = link.awaiting.size ? setTimeout(ackTimedOut, ACK_TIMEOUT_MS) : 0;
+  }
+
+  function ackTimedOut() {
+    link.ackTimer = 0;
+    // A dead link: reconnect at once. Again and again with no answer between:
+    // the server is struggling, so back off.
+    abandon(link.deadLinks++ ? scheduleRetry : connect);
   }
 
   function scheduleRetry() {
@@ -501,26 +786,27 @@
     document.body.dataset.state = state;
   }
 
-  function sendLine(text) {
+  // Send one line on a welcomed socket, as {cid, line} (acks=1): the server
+  // answers it with an ack or an error carrying the cid. Lines the page sends
+  // for itself (/who, /nick) get a cid of their own and no outbox row.
+  function sendLine(text, cid = newCid()) {
     const socket = link.socket;
-    if (!socket || socket.readyState !== WebSocket.OPEN) return false;
-    socket.send(text);
+    if (!socket || !link.welcomed || socket.readyState !== WebSocket.OPEN) return false;
+    socket.send(JSON.stringify({ cid, line: text }));
+    awaitAnswer(cid);
     return true;
   }
 
-  // The message box: Enter sends; the text leaves the box only once it was
-  // handed to an open socket, so nothing typed while offline is lost.
+  // The message box: Enter sends. The line leaves the box at once for the
+  // outbox, which keeps it (across a reload too) until the server has it.
 
   function submit() {
     const text = ui.input.value;
     if (!text.trim()) return;
-    if (!sendLine(text)) {
-      hint('Not connected: your message is kept here. Press Enter again once online.');
-      return;
-    }
     chat.lastSent = text;
     ui.input.value = '';
     hint(HINT);
+    queue(text);
   }
 
   function hint(text) {
@@ -613,6 +899,7 @@
       fatal(`“${settings.room}” is not a room name: use 1 to 64 letters A-Z a-z, digits, _ . -`);
       return;
     }
+    restore(settings.kept);
     connect();
   }
 

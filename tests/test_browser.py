@@ -126,7 +126,9 @@ class StaticServer:
 
 class Relay:
     """A TCP relay to a server port that can be cut and restored: a network
-    drop for the pages behind it, while the server and other pages go on."""
+    drop for the pages behind it, while the server and other pages go on.
+    It can also freeze a connection: a link that died without a word, both
+    TCP ends still open (see freeze_after_next_line)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -139,6 +141,8 @@ class Relay:
         self.sockets: set[socket.socket] = set()
         self.upstreams: set[socket.socket] = set()  # the server's side of each relay
         self.hung: set[socket.socket] = set()  # left open, silent: see vanish()
+        self.frozen: set[socket.socket] = set()  # nothing goes through these any more
+        self.freeze_armed: threading.Event | None = None
         self.thread = threading.Thread(target=self.accept_loop, daemon=True)
         self.thread.start()
 
@@ -172,6 +176,10 @@ class Relay:
     def pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                last_words = source not in self.upstreams and is_text_frame(data) \
+                    and self.freeze_if_armed(source, sink)
+                if source in self.frozen and not last_words:
+                    continue  # swallowed: the link is dead
                 sink.sendall(data)
         except OSError:
             pass
@@ -209,6 +217,28 @@ class Relay:
         for sock in sockets:
             self.shut(sock)
 
+    def freeze_after_next_line(self) -> threading.Event:
+        """The next text frame a page sends still reaches the server; then
+        nothing more goes through that connection, either way, and both its
+        TCP ends stay open: the server gets the line, the page never hears
+        back. Other and new connections go on. Returns an event set then."""
+        self.freeze_armed = threading.Event()
+        return self.freeze_armed
+
+    def freeze_if_armed(self, client: socket.socket, upstream: socket.socket) -> bool:
+        with self.lock:
+            frozen, self.freeze_armed = self.freeze_armed, None
+            if frozen is None:
+                return False
+            self.frozen |= {client, upstream}  # before the line goes: its answer is lost
+            self.hung |= {client, upstream}
+        frozen.set()
+        return True
+
+    def refuse(self) -> None:
+        """Refuse new connections (as with no network), leaving open ones be."""
+        self.up = False
+
     def restore(self) -> None:
         self.up = True
 
@@ -221,6 +251,12 @@ class Relay:
         self.cut()
         self.thread.join(PROCESS_TIMEOUT_S)
         self.listener.close()
+
+
+def is_text_frame(data: bytes) -> bool:
+    """Whether `data` starts with a WebSocket text frame (a chat line from a
+    page), not a pong or a closing frame."""
+    return bool(data) and data[0] & 0x0F == 0x1
 
 
 # The browser and the page --------------------------------------------------
@@ -237,6 +273,8 @@ class ChatPage:
         self.chat_lines = page.locator("#messages > li.msg")
         self.chat_texts = page.locator("#messages > li.msg:not(.action) .text")
         self.notices = page.locator("#messages > li.notice")
+        self.sending = page.locator("#messages > li.msg.sending")  # typed, not yet acked
+        self.refused = page.locator("#messages > li.msg.refused")
         self.online = page.locator("#online .sender")
         self.online_count = page.locator("#online-count")
         self.me = page.locator("#me")
@@ -437,24 +475,105 @@ def test_page_reconnects_by_itself_after_a_server_restart(open_page, site, chat_
     expect(page.online).to_have_text(["alice", "bob"])
 
 
-def test_text_typed_while_offline_is_kept_and_sent_once_back(open_page, site, chat_server):
-    page = open_page(page_url(site, server=chat_server.url, name="alice"))
-    page.wait_online()
+def test_a_line_sent_into_a_dead_link_shows_sending_and_arrives_once(
+        open_page, site, chat_server, relay):
+    """The link dies just after the page sent a line: the server got it, but
+    the page never hears back, though its socket looks open. After the ack
+    timeout the page drops that socket, reconnects by itself and resends the
+    line with the same cid, which the server does not post again."""
+    carol = open_page(page_url(site, server=relay.url, name="carol"))
+    dave = open_page(page_url(site, server=chat_server.url, name="dave"))
+    carol.wait_online()
+    dave.wait_online()
 
-    chat_server.stop()  # SIGTERM: the server says goodbye, then is gone
-    expect(page.notice("shutting down")).to_have_count(1)
-    expect(page.status).to_have_attribute("data-state", re.compile("offline|reconnecting"))
-    page.box.fill("typed while offline")
-    page.box.press("Enter")
-    expect(page.page.locator("#composer-hint")).to_contain_text("Not connected")
-    expect(page.box).to_have_value("typed while offline")
+    frozen = relay.freeze_after_next_line()
+    carol.say("through a dead link")
+    assert frozen.wait(WAIT_MS / 1000)
+    expect(carol.sending.locator(".text")).to_have_text(["through a dead link"])
+    expect(carol.sending.locator(".state")).to_have_text(["Sending…"])
+    expect(carol.page.locator("#announcer")).to_contain_text("Sending…")
+    expect(dave.chat_texts).to_have_text(["through a dead link"])  # the server has it
 
-    chat_server.start()
-    page.wait_online(timeout=RECONNECT_MS)
-    expect(page.box).to_have_value("typed while offline")
-    page.box.press("Enter")
-    expect(page.box).to_have_value("")
-    expect(page.chat_texts).to_have_text(["typed while offline"])
+    # Within the ack timeout (5 s) and a reconnect, not the server's pings (20 s).
+    expect(carol.sending).to_have_count(0, timeout=WAIT_MS)
+    carol.wait_online()
+    assert len(carol.sockets) == 2
+    expect(carol.chat_texts).to_have_text(["through a dead link"])
+    expect(carol.me).to_have_text("carol")
+    carol.say("and after it")  # answered after the resend: acks come in order
+    expect(dave.chat_texts).to_have_text(["through a dead link", "and after it"])
+    expect(carol.chat_texts).to_have_text(["through a dead link", "and after it"])
+
+
+def test_lines_typed_offline_survive_a_reload_and_arrive_once_in_order(
+        open_page, site, chat_server, relay):
+    """A line goes into a link that dies (the server got it, the ack is
+    lost); the page finds the link dead and cannot reconnect; three more
+    lines are typed offline; the tab is reloaded; the network comes back.
+    The reloaded page is the same session (its key was kept in the tab), so
+    the first line is not posted twice, and the others go out in order."""
+    carol = open_page(page_url(site, server=relay.url, name="carol"))
+    dave = open_page(page_url(site, server=chat_server.url, name="dave"))
+    carol.wait_online()
+    dave.wait_online()
+
+    frozen = relay.freeze_after_next_line()
+    relay.refuse()
+    carol.say("sent as the link died")
+    assert frozen.wait(WAIT_MS / 1000)
+    expect(dave.chat_texts).to_have_text(["sent as the link died"])
+    expect(carol.status).to_have_attribute("data-state", "offline")  # after the ack timeout
+    offline = ["offline one", "offline two", "offline three"]
+    for line in offline:
+        carol.say(line)
+    lines = ["sent as the link died", *offline]
+    expect(carol.sending.locator(".text")).to_have_text(lines)
+
+    carol.page.reload()
+    expect(carol.sending.locator(".text")).to_have_text(lines)
+    expect(carol.sending.locator(".state")).to_have_text(["Sending…"] * 4)
+    relay.restore()
+    carol.wait_online(timeout=RECONNECT_MS)
+    expect(carol.sending).to_have_count(0)
+    expect(carol.chat_texts).to_have_text(lines)
+    expect(carol.me).to_have_text("carol")
+    carol.say("back")
+    expect(dave.chat_texts).to_have_text([*lines, "back"])
+
+
+def test_a_refused_line_shows_why_and_can_be_edited_or_discarded(open_page, site, chat_server):
+    alice = open_page(page_url(site, server=chat_server.url, name="alice"))
+    bob = open_page(page_url(site, server=chat_server.url, name="bob"))
+    alice.wait_online()
+    bob.wait_online()
+
+    alice.say("x" * 2001)
+    expect(alice.refused.locator(".text")).to_have_text(["x" * 2001])
+    expect(alice.refused.locator(".state")).to_have_text(
+        ["Not sent: message too long (2001 characters; the limit is 2000); it was not sent"])
+    expect(alice.sending).to_have_count(0)
+    alice.refused.get_by_role("button", name="Edit and resend").click()
+    expect(alice.refused).to_have_count(0)
+    expect(alice.box).to_have_value("x" * 2001)
+    expect(alice.box).to_be_focused()
+    alice.box.press("Backspace")
+    alice.box.press("Enter")
+    expect(bob.chat_texts).to_have_text(["x" * 2000])
+
+    alice.say("/nick bob")
+    expect(alice.refused.locator(".state")).to_have_text(
+        ["Not sent: bob is already taken in lobby"])
+    alice.page.reload()  # a refused line is kept with its reason until dealt with
+    alice.wait_online()
+    expect(alice.refused.locator(".text")).to_have_text(["/nick bob"])
+    alice.refused.get_by_role("button", name="Discard").click()
+    expect(alice.refused).to_have_count(0)
+    alice.page.reload()
+    alice.wait_online()
+    expect(alice.chat_texts).to_have_text(["x" * 2000])
+    expect(alice.refused).to_have_count(0)
+    expect(alice.me).to_have_text("alice")
+    expect(alice.notice("already taken")).to_have_count(0)  # told in its row, not twice
 
 
 def test_history_shows_in_order_without_duplicates_after_a_reload(
