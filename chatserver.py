@@ -1211,6 +1211,7 @@ class ChatServer:
             client.inbox = collections.deque()
             client.inbox_ready = asyncio.Event()
             client.task = asyncio.create_task(self.serve(client, ticket))
+            client.task.add_done_callback(lambda task: self.served(client, task))
         else:
             self.admit(client, *run_now(self.rooms.join(ticket)))
 
@@ -1243,6 +1244,12 @@ class ChatServer:
             line = client.inbox.popleft()
             if member.is_here():  # else its name went to a new connection: it is closing
                 self.after_line(client, await self.rooms.receive(member, *self.unwrap(client, line)))
+
+    def served(self, client: Client, task: asyncio.Task) -> None:
+        """A client's task ended: if by a bug, say so, and close it (1011)."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("serving %s failed", client.address, exc_info=task.exception())
+            client.close(1011, "internal error")
 
     def forget(self, client: Client) -> None:
         if client not in self.clients:
