@@ -824,9 +824,11 @@ class Fanout:
         if handle is not None:
             handle.cancel()  # a flush called early: no second one when the window ends
 
-    def flush(self, room: Room) -> None:
+    def flush(self, room: Room, for_joiners: bool = True) -> None:
+        """Send what `room` has queued now; unless a newcomer is being let
+        in and `for_joiners` (the last frames before a shutdown go at once)."""
         self.unschedule(room)
-        if room.joining:
+        if room.joining and for_joiners:
             return  # `joining` publishes when the newcomer is in
         frames = room.take_pending()
         if not frames:
@@ -1242,7 +1244,7 @@ class ChatServer:
                 await client.inbox_ready.wait()
                 continue
             line = client.inbox.popleft()
-            if member.is_here():  # else its name went to a new connection: it is closing
+            if member.is_here() and member.close_with is None:  # else it is closing
                 self.after_line(client, await self.rooms.receive(member, *self.unwrap(client, line)))
 
     def served(self, client: Client, task: asyncio.Task) -> None:
@@ -1278,7 +1280,7 @@ class ChatServer:
                 # Push back rather than drop lines: read no more from this
                 # client until its task has taken what it sent.
                 client.transport.pause_reading()
-        elif client.member.is_here():  # else replaced by a new connection, and closing
+        elif client.member.is_here() and client.member.close_with is None:  # else closing
             self.after_line(client, run_now(self.rooms.receive(client.member,
                                                                *self.unwrap(client, line))))
 
@@ -1454,7 +1456,7 @@ class ChatServer:
     def say_goodbye(self) -> None:
         for room in {client.member.room for client in self.clients if client.member}:
             room.announce(shutdown(room.name))
-            self.rooms.fanout.flush(room)
+            self.rooms.fanout.flush(room, for_joiners=False)
         for client in list(self.clients):
             client.close(CLOSE_GOING_AWAY, "server shutting down")
 

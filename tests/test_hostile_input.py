@@ -1,5 +1,6 @@
 """Hostile input over real sockets: each case gets a clear error frame or a
-documented close, and every other client goes on being served."""
+documented close, and every other client goes on being served; against every
+back-end (see `chat` and `start_chat` in conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import join
+from conftest import Chat
 from test_limits import refused_status
 
 TIMEOUT_S = 5
@@ -72,8 +73,10 @@ class Raw:
                     return frame
 
 
-async def raw_connect(server, path: str = "/") -> Raw:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+async def raw_connect(chat: Chat, path: str = "/") -> Raw:
+    """A raw WebSocket client on the chat's next process, past its welcome."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat.port_for(chat.next()))
+    chat.track(writer.transport)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
@@ -94,12 +97,21 @@ async def still_served(bystander, speaker) -> None:
 
 
 @pytest.fixture
-async def room(start_server):
-    server = await start_server(max_size=4096, handshake_timeout=0.5, max_chars=100)
-    bystander = await join(server.url, "hostile", name="bystander")
-    speaker = await join(server.url, "hostile", name="speaker")
+async def room(start_chat):
+    """A chat with tight limits (shared by the tests that ask for it), and two
+    clients in the room "hostile" (a room of the test's own: chat.room("hostile"))."""
+    chat = await start_chat(shared=True, max_size=4096, handshake_timeout=0.5, max_chars=100)
+    bystander = await chat.join(chat.room("hostile"), name="bystander")
+    speaker = await chat.join(chat.room("hostile"), name="speaker")
     await bystander.expect(event="join", name="speaker")
-    return server, bystander, speaker
+    return chat, bystander, speaker
+
+
+async def open_tcp(chat: Chat) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A bare TCP connection to the chat's next process."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat.port_for(chat.next()))
+    chat.track(writer.transport)
+    return reader, writer
 
 
 # Frames
@@ -116,7 +128,9 @@ def fragments(*parts: bytes) -> list[dict]:
     ([dict(opcode=1, payload=b"caf\xc3(")], 1007),                  # invalid UTF-8
     (fragments(b"ok \xe2\x82", b"\xff end"), 1007),                 # ...split over fragments
     ([dict(opcode=1, payload=b"x" * 5000)], 1009),                 # over --max-size
-    (fragments(*[b"y" * 1000] * 10), 1009),                        # ...in small fragments
+    # ...in small fragments, the message not finished (nothing follows the
+    # fragment that crosses the limit: bytes after the close would reset TCP)
+    (fragments(*[b"y" * 1000] * 6)[:5], 1009),
     ([dict(opcode=9, payload=b"split ping", fin=False)], 1002),    # fragmented control frame
     ([dict(opcode=3, payload=b"reserved opcode")], 1002),
     ([dict(opcode=1, payload=b"unmasked", masked=False)], 1002),   # clients must mask
@@ -125,8 +139,8 @@ def fragments(*parts: bytes) -> list[dict]:
 ], ids=["utf8", "utf8-fragments", "too-big", "too-big-fragments", "control-fragment",
         "reserved-opcode", "unmasked", "rsv-bits", "stray-continuation"])
 async def test_bad_frames_close_with_their_code_and_others_go_on(room, frames, code):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
+    chat, bystander, speaker = room
+    raw = await raw_connect(chat, f"/{chat.room('hostile')}")
     for frame in frames:
         raw.send_frame(**frame)
     _, got = await raw.frames_until_close()
@@ -135,8 +149,8 @@ async def test_bad_frames_close_with_their_code_and_others_go_on(room, frames, c
 
 
 async def test_binary_frame_gets_an_error_frame(room):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
+    chat, bystander, speaker = room
+    raw = await raw_connect(chat, f"/{chat.room('hostile')}")
     raw.send_frame(2, b"\x00\x01\x02")
     frame = await raw.next_json(event="error")
     assert "binary" in frame["message"]
@@ -144,8 +158,8 @@ async def test_binary_frame_gets_an_error_frame(room):
 
 
 async def test_fragmented_message_with_a_ping_between_arrives_whole(room):
-    server, bystander, speaker = room
-    raw = await raw_connect(server, "/hostile")
+    chat, bystander, speaker = room
+    raw = await raw_connect(chat, f"/{chat.room('hostile')}")
     raw.send_frame(1, b"hello ", fin=False)
     raw.send_frame(9, b"are you there")
     raw.send_frame(0, b"wor", fin=False)
@@ -158,10 +172,11 @@ async def test_fragmented_message_with_a_ping_between_arrives_whole(room):
     assert frame["message"] == "hello world"
 
 
-async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_server):
-    server = await start_server(rate=50, burst=50, flood_close=1.0)
-    bystander = await join(server.url, "tiny", name="bystander")
-    raw = await raw_connect(server, "/tiny")
+async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_chat):
+    chat = await start_chat(rate=50, burst=50, flood_close=1.0)
+    room = chat.room("tiny")
+    bystander = await chat.join(room, name="bystander")
+    raw = await raw_connect(chat, f"/{room}")
     for _ in range(20):  # 20 x 1,000 one-character lines, as fast as TCP takes them
         for _ in range(1000):
             raw.send_frame(1, b".")
@@ -173,7 +188,7 @@ async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_server):
     assert 1 <= len(errors) <= 5  # about one a second, not one per line
     received = await bystander.recv_until(lambda f: f.get("event") == "leave")
     assert sum(f["type"] == "user" for f in received) <= 50 + 50 * 3
-    speaker = await join(server.url, "tiny", name="speaker")
+    speaker = await chat.join(room, name="speaker")
     await still_served(bystander, speaker)
 
 
@@ -181,8 +196,8 @@ async def test_huge_numbers_of_tiny_messages_are_cut_not_fatal(start_server):
 
 
 async def test_very_long_nickname_gets_a_guest_name(room):
-    server, bystander, speaker = room
-    client = await join(server.url, "hostile", name="n" * 3000)
+    chat, bystander, speaker = room
+    client = await chat.join(chat.room("hostile"), name="n" * 3000)
     assert client.name.startswith("guest-")
     assert client.backlog[0]["event"] == "error"
     await client.send("/nick " + "m" * 90)
@@ -193,8 +208,8 @@ async def test_very_long_nickname_gets_a_guest_name(room):
 @pytest.mark.parametrize("name", ["evil\u202eadmin", "bell\x07", "new\nline", "zero\u200bwidth",
                                   "nul\x00"])
 async def test_control_and_bidi_characters_in_names_are_refused(room, name):
-    server, bystander, speaker = room
-    client = await join(server.url, "hostile", name=name)
+    chat, bystander, speaker = room
+    client = await chat.join(chat.room("hostile"), name=name)
     assert client.name.startswith("guest-")
     await client.send(f"/nick {name}")
     assert (await client.expect(event="error"))["event"] == "error"
@@ -202,7 +217,7 @@ async def test_control_and_bidi_characters_in_names_are_refused(room, name):
 
 
 async def test_control_characters_in_text_get_an_error(room):
-    server, bystander, speaker = room
+    chat, bystander, speaker = room
     await speaker.send("ring\x07ring")
     assert "control" in (await speaker.expect(event="error"))["message"]
     await speaker.send("\x1b[2Jcleared")
@@ -215,7 +230,7 @@ async def test_control_characters_in_text_get_an_error(room):
     '<img src=x onerror=alert(1)>', "<script>alert('x')</script>", "right\u202eto left",
     '"}, {"type": "sys', "\\u0000 \\n", "🙂‍↔️ zwj emoji"])
 async def test_json_and_html_looking_text_arrives_verbatim_from_its_sender(room, text):
-    server, bystander, speaker = room
+    chat, bystander, speaker = room
     await speaker.send(text)
     frame = await bystander.expect(type="user")
     assert frame["message"] == text and frame["id"] == "speaker" and frame["type"] == "user"
@@ -230,15 +245,15 @@ async def test_json_and_html_looking_text_arrives_verbatim_from_its_sender(room,
                                   "/room?name=a&name=b", "/?since=1&since=2",
                                   "/?name=%C3"])
 async def test_bad_rooms_and_queries_are_refused_with_400(room, path):
-    server, bystander, speaker = room
-    status, body = await refused_status(f"{server.url}{path}")
+    chat, bystander, speaker = room
+    status, body = await refused_status(f"{chat.url_for(chat.next())}{path}")
     assert status == 400 and body.endswith(b"\n") and body.count(b"\n") == 1
     await still_served(bystander, speaker)
 
 
 async def test_handshake_that_never_starts_is_dropped(room):
-    server, bystander, speaker = room
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    chat, bystander, speaker = room
+    reader, writer = await open_tcp(chat)
     async with asyncio.timeout(5):
         assert await reader.read() == b""  # closed by --handshake-timeout (0.5 s)
     writer.close()
@@ -246,9 +261,9 @@ async def test_handshake_that_never_starts_is_dropped(room):
 
 
 async def test_handshake_that_stalls_halfway_is_dropped(room):
-    server, bystander, speaker = room
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(b"GET /hostile HTTP/1.1\r\nHost: x\r\nUpgr")
+    chat, bystander, speaker = room
+    reader, writer = await open_tcp(chat)
+    writer.write(f"GET /{chat.room('hostile')} HTTP/1.1\r\nHost: x\r\nUpgr".encode())
     async with asyncio.timeout(5):
         assert await reader.read() == b""
     writer.close()
@@ -256,15 +271,16 @@ async def test_handshake_that_stalls_halfway_is_dropped(room):
 
 
 async def test_request_line_too_long_gets_414(room):
-    server, bystander, speaker = room
-    status, _ = await refused_status(f"{server.url}/hostile?name={'n' * 10000}")
+    chat, bystander, speaker = room
+    status, _ = await refused_status(f"{chat.url_for(chat.next())}/{chat.room('hostile')}"
+                                     f"?name={'n' * 10000}")
     assert status == 414
     await still_served(bystander, speaker)
 
 
 async def test_garbage_instead_of_http_is_closed(room):
-    server, bystander, speaker = room
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    chat, bystander, speaker = room
+    reader, writer = await open_tcp(chat)
     writer.write(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
     async with asyncio.timeout(5):
         answer = await reader.read()
@@ -273,28 +289,33 @@ async def test_garbage_instead_of_http_is_closed(room):
     await still_served(bystander, speaker)
 
 
-async def test_server_still_serves_after_the_whole_hostile_suite(start_server):
+async def test_server_still_serves_after_the_whole_hostile_suite(start_chat):
     """Everything above against one server, then an ordinary chat."""
-    server = await start_server(max_size=4096, handshake_timeout=0.5, rate=50, burst=50)
-    alice = await join(server.url, "after", name="alice")
+    chat = await start_chat(max_size=4096, handshake_timeout=0.5, rate=50, burst=50)
+    room = chat.room("after")
+    alice = await chat.join(room, name="alice", at=0)
     await alice.send("before the storm")
     await alice.expect(message="before the storm")
     for payload, opcode, kwargs in [(b"caf\xc3(", 1, {}), (b"x" * 5000, 1, {}),
                                     (b"ctl", 9, {"fin": False}), (b"raw", 1, {"masked": False}),
                                     (b"\x00", 2, {})]:
-        raw = await raw_connect(server, "/after")
+        raw = await raw_connect(chat, f"/{room}")
         raw.send_frame(opcode, payload, **kwargs)
         await raw.frames_until_close() if opcode != 2 else await raw.next_json(event="error")
     for path in ["/..", "/a%2Fb", "/?since=x", "/?name=a&name=b"]:
-        await refused_status(f"{server.url}{path}")
-    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await refused_status(f"{chat.url_for(chat.next())}{path}")
+    idle_reader, idle_writer = await open_tcp(chat)
     async with asyncio.timeout(5):
         await idle_reader.read()
     idle_writer.close()
     for name in ["\u202e", "x" * 100, "a b"]:
-        await (await join(server.url, "after", name=name)).close()
-    bob = await join(server.url, "after", name="bob")
+        guest = await chat.join(room, name=name)
+        await guest.close()
+        await alice.expect(event="leave", name=guest.name)
+    # On alice's process, where every notice so far has gone out: see
+    # test_newcomers_joining_together_get_no_notice_from_before_their_welcome.
+    bob = await chat.join(room, name="bob", at=0)
     assert [f["message"] for f in bob.backlog] == ["before the storm"]
     await bob.send("all good")
     assert (await alice.expect(type="user"))["message"] == "all good"
-    assert len(server.clients) >= 2
+    assert await chat.metric("chat_connections") >= 2

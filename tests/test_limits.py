@@ -1,9 +1,9 @@
-"""Limits, slow clients, origins, shutdown, health and metrics, TLS, logs."""
+"""Limits, slow clients, origins, shutdown, health and metrics, TLS, logs,
+against every back-end (see `chat` and `start_chat` in conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 import subprocess
 import time
@@ -13,8 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import join
-from test_protocol import _http_get
+
 
 
 async def refused_status(url: str, **kwargs) -> tuple[int, bytes]:
@@ -34,10 +33,11 @@ async def closed_code(client) -> int:
 # Flooding
 
 
-async def test_flooding_client_gets_few_errors_then_is_closed_with_1008(start_server):
-    server = await start_server(rate=5, burst=5, flood_close=1.0)
-    bystander = await join(server.url, name="bystander")
-    flooder = await join(server.url, name="flooder")
+async def test_flooding_client_gets_few_errors_then_is_closed_with_1008(start_chat):
+    chat = await start_chat(rate=5, burst=5, flood_close=1.0)
+    room = chat.room()
+    bystander = await chat.join(room, name="bystander")
+    flooder = await chat.join(room, name="flooder")
     await bystander.expect(event="join", name="flooder")
     errors = 0
     started = time.monotonic()
@@ -60,75 +60,81 @@ async def test_flooding_client_gets_few_errors_then_is_closed_with_1008(start_se
     assert sum(f["type"] == "user" for f in frames) <= 5 + 5 * elapsed + 1
     await bystander.send("still served")
     assert (await bystander.recv())["message"] == "still served"
-    assert server.metrics.dropped["flooding"] == 1
+    assert await chat.metric('chat_clients_dropped_total{reason="flooding"}') == 1
 
 
-# Connection limits
+# Connection limits: each process counts its own clients, so with several
+# processes every client of these tests goes to the first (at=0).
 
 
-async def test_max_rooms_refuses_a_new_room_with_503(start_server):
-    server = await start_server(max_rooms=2)
-    await join(server.url, "one")
-    await join(server.url, "two")
-    status, body = await refused_status(f"{server.url}/three")
+async def test_max_rooms_refuses_a_new_room_with_503(start_chat):
+    chat = await start_chat(max_rooms=2)
+    await chat.join(chat.room("one"), at=0)
+    await chat.join(chat.room("two"), at=0)
+    status, body = await refused_status(f"{chat.url}/{chat.room('three')}")
     assert status == 503 and b"rooms" in body
-    await join(server.url, "one")  # an existing room is still open
+    await chat.join(chat.room("one"), at=0)  # an existing room is still open
 
 
-async def test_max_clients_refuses_with_503(start_server):
-    server = await start_server(max_clients=2)
-    await join(server.url)
-    await join(server.url)
-    status, body = await refused_status(server.url)
+async def test_max_clients_refuses_with_503(start_chat):
+    chat = await start_chat(max_clients=2)
+    room = chat.room()
+    await chat.join(room, at=0)
+    await chat.join(room, at=0)
+    status, body = await refused_status(f"{chat.url}/{room}")
     assert status == 503 and b"full" in body
 
 
-async def test_max_per_ip_refuses_with_503_and_frees_on_leave(start_server):
-    server = await start_server(max_per_ip=2)
-    first = await join(server.url)
-    await join(server.url)
-    status, body = await refused_status(server.url)
+async def test_max_per_ip_refuses_with_503_and_frees_on_leave(start_chat):
+    chat = await start_chat(max_per_ip=2)
+    room = chat.room()
+    first = await chat.join(room, at=0)
+    await chat.join(room, at=0)
+    status, body = await refused_status(f"{chat.url}/{room}")
     assert status == 503 and b"address" in body
     await first.close()
     async with asyncio.timeout(5):
-        while server.per_ip.get("127.0.0.1", 0) > 1:
+        while (await chat.metrics())[0]["chat_connections"] > 1:
             await asyncio.sleep(0.01)
-    await join(server.url)
+    await chat.join(room, at=0)
 
 
-async def test_forwarded_for_is_ignored_without_trust_proxy(start_server):
-    server = await start_server(max_per_ip=1)
-    await join(server.url)
-    status, _ = await refused_status(server.url,
+async def test_forwarded_for_is_ignored_without_trust_proxy(start_chat):
+    chat = await start_chat(max_per_ip=1)
+    await chat.join(chat.room(), at=0)
+    status, _ = await refused_status(chat.url,
                                      additional_headers={"X-Forwarded-For": "203.0.113.9"})
     assert status == 503
 
 
-async def test_trust_proxy_counts_clients_by_forwarded_for(start_server):
-    server = await start_server(max_per_ip=1, trust_proxy=True)
-    await connect(server.url, additional_headers={"X-Forwarded-For": "203.0.113.9"})
-    await connect(server.url,
-                  additional_headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.10"})
-    status, _ = await refused_status(server.url,
+async def test_trust_proxy_counts_clients_by_forwarded_for(start_chat):
+    chat = await start_chat(max_per_ip=1, trust_proxy=True)
+    path = f"/{chat.room()}"
+    await chat.connect(path, at=0, additional_headers={"X-Forwarded-For": "203.0.113.9"})
+    await chat.connect(path, at=0,
+                       additional_headers={"X-Forwarded-For": "198.51.100.1, 203.0.113.10"})
+    status, _ = await refused_status(chat.url + path,
                                      additional_headers={"X-Forwarded-For": "203.0.113.9"})
     assert status == 503
 
 
-async def test_any_origin_is_accepted_by_default(server):
+async def test_any_origin_is_accepted_by_default(chat):
+    room = chat.room()
     for origin in ("null", "https://cdn.example.com"):
-        await join(server.url)  # no Origin
-        ws = await connect(server.url, origin=origin)
+        await chat.join(room)  # no Origin
+        ws = await chat.connect(f"/{room}", origin=origin)
         await ws.close()
 
 
-async def test_allow_origin_refuses_other_origins_with_403(start_server):
-    server = await start_server(allow_origin=("https://chat.example.com", "null"))
-    await (await connect(server.url, origin="https://chat.example.com")).close()
-    await (await connect(server.url, origin="null")).close()
-    status, body = await refused_status(server.url, origin="https://evil.example.com")
-    assert status == 403 and b"origin" in body
-    status, _ = await refused_status(server.url)  # no Origin at all
-    assert status == 403
+async def test_allow_origin_refuses_other_origins_with_403(start_chat):
+    chat = await start_chat(allow_origin=("https://chat.example.com", "null"))
+    for at, url in enumerate(chat.urls):
+        await (await chat.connect(at=at, origin="https://chat.example.com")).close()
+        await (await chat.connect(at=at, origin="null")).close()
+        status, body = await refused_status(url, origin="https://evil.example.com")
+        assert status == 403 and b"origin" in body
+        status, _ = await refused_status(url)  # no Origin at all
+        assert status == 403
 
 
 # Slow consumers
@@ -142,16 +148,18 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def test_slow_client_is_dropped_while_a_fast_one_gets_everything(run_process):
-    process = run_process("--rate", "100000", "--burst", "100000", "--max-buffer", "262144",
-                          "--log-level", "WARNING")
-    fast = await join(process.url, "busy", name="fast")
+async def test_slow_client_is_dropped_while_a_fast_one_gets_everything(start_chat):
+    chat = await start_chat(processes=True, rate=100000, burst=100000, max_buffer=262144,
+                            log_level="WARNING")
+    room = chat.room("busy")
+    fast = await chat.join(room, name="fast", at=0)
     # The slow client completes the handshake and then never reads again.
-    slow = await connect(f"{process.url}/busy?name=slow", max_queue=1)
+    slow = await chat.connect(f"/{room}?name=slow", at=1, max_queue=1)
     slow.transport.pause_reading()
-    sender = await join(process.url, "busy", name="sender")
+    slow_process = chat.processes[1 % len(chat.processes)]  # where its backlog would pile up
+    sender = await chat.join(room, name="sender", at=0)
     await fast.expect(event="join", name="sender")
-    rss_before = rss_kib(process.popen.pid)
+    rss_before = rss_kib(slow_process.popen.pid)
     text = "x" * 1900
     count = 15000  # about 28 MB to a reader that takes none of it
 
@@ -174,46 +182,49 @@ async def test_slow_client_is_dropped_while_a_fast_one_gets_everything(run_proce
     for n in range(count):
         await sender.send(text)
         if n % 500 == 0:
-            peak = max(peak, rss_kib(process.popen.pid))
+            peak = max(peak, rss_kib(slow_process.popen.pid))
             await asyncio.sleep(0)
     assert await reader == list(range(1, count + 1))
     echo.cancel()
-    peak = max(peak, rss_kib(process.popen.pid))
-    _, metrics = await _http_get(process.port, "/metrics")
-    assert 'chat_clients_dropped_total{reason="too slow"} 1' in metrics
+    peak = max(peak, rss_kib(slow_process.popen.pid))
+    assert await chat.metric('chat_clients_dropped_total{reason="too slow"}') == 1
     # 28 MB went out; the server held at most --max-buffer for the slow one.
     assert peak - rss_before < 8 * 1024, (rss_before, peak)
-    slow.transport.abort()
 
 
 # Dead peers
 
 
-async def test_peer_that_never_answers_pings_is_removed_with_a_leave(start_server):
-    server = await start_server(ping_interval=0.2, ping_timeout=0.3)
-    alice = await join(server.url, name="alice")
-    ghost = await connect(f"{server.url}/?name=ghost")
+async def test_peer_that_never_answers_pings_is_removed_with_a_leave(start_chat):
+    chat = await start_chat(ping_interval=0.2, ping_timeout=0.3)
+    room = chat.room()
+    alice = await chat.join(room, name="alice")
+    ghost = await chat.connect(f"/{room}?name=ghost")
     ghost.transport.pause_reading()  # alive for TCP, deaf to pings
     await alice.expect(event="join", name="ghost")
     notice = await alice.expect(event="leave", name="ghost")
     assert notice["count"] == 1
-    ghost.transport.abort()
 
 
 # Shutdown
 
 
-async def test_sigterm_with_200_clients_ends_cleanly_within_the_timeout(run_process):
-    process = run_process("--shutdown-timeout", "5", "--max-per-ip", "1000",
-                          "--log-level", "WARNING")
-    clients = await asyncio.gather(*(connect(f"{process.url}/big") for _ in range(200)))
-    deaf = await connect(f"{process.url}/big")  # never answers the close
+async def test_sigterm_with_200_clients_ends_cleanly_within_the_timeout(start_chat):
+    chat = await start_chat(processes=True, shutdown_timeout=2, max_per_ip=1000,
+                            log_level="WARNING")
+    path = f"/{chat.room('big')}"
+    clients = [await chat.connect(path) for _ in range(200)]
+    deaf = await chat.connect(path)  # never answers the close
+    for ws in (*clients, deaf):  # all in the chat (see also test_redis.py's
+        assert '"event":"welcome"' in await ws.recv()  # shutdown during a join)
     deaf.transport.pause_reading()
     started = time.monotonic()
-    process.popen.terminate()
-    code = await asyncio.to_thread(process.popen.wait, 20)
+    for process in chat.processes:
+        process.popen.terminate()
+    codes = await asyncio.gather(*(asyncio.to_thread(process.popen.wait, 20)
+                                   for process in chat.processes))
     elapsed = time.monotonic() - started
-    assert code == 0 and elapsed < 5 + 2, elapsed
+    assert set(codes) == {0} and elapsed < 2 + 2, (codes, elapsed)
     for ws in clients:
         got_shutdown = False
         with pytest.raises(ConnectionClosed) as closed:
@@ -221,33 +232,34 @@ async def test_sigterm_with_200_clients_ends_cleanly_within_the_timeout(run_proc
                 while True:
                     got_shutdown |= '"event":"shutdown"' in await ws.recv()
         assert got_shutdown and closed.value.rcvd.code == 1001
-    deaf.transport.abort()
 
 
 # HTTP on the same port
 
 
-async def test_metrics_count_connections_messages_and_deliveries(server):
-    alice = await join(server.url, name="alice")
-    await join(server.url, name="bob")
+async def test_metrics_count_connections_messages_and_deliveries(start_chat):
+    chat = await start_chat()  # counters of its own
+    room = chat.room()
+    alice = await chat.join(room, name="alice")
+    bob = await chat.join(room, name="bob")
     await alice.send("one")
     await alice.expect(type="user")
-    status, text = await _http_get(server.port, "/metrics")
-    assert status == 200
-    metrics = dict(line.rsplit(" ", 1) for line in text.splitlines()
-                   if line and not line.startswith("#"))
-    assert metrics["chat_connections"] == "2" and metrics["chat_rooms"] == "1"
-    assert metrics["chat_messages_received_total"] == "1"
-    assert metrics["chat_messages_broadcast_total"] >= "1"
-    assert int(metrics["chat_frames_delivered_total"]) >= 2
-    assert 'chat_clients_dropped_total{reason="flooding"}' in metrics
+    await bob.expect(type="user")
+    every = await chat.metrics()
+    assert all(metrics["chat_rooms"] == 1 for metrics in every)  # each holds the room
+    assert 'chat_clients_dropped_total{reason="flooding"}' in every[0]
+    assert await chat.metric("chat_connections") == 2
+    assert await chat.metric("chat_messages_received_total") == 1
+    assert await chat.metric("chat_messages_broadcast_total") >= 1
+    assert await chat.metric("chat_frames_delivered_total") >= 2
 
 
-async def test_metrics_content_type_is_prometheus_text(server):
-    def get():
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5) as r:
+async def test_metrics_content_type_is_prometheus_text(chat):
+    def get(port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             return r.headers["Content-Type"]
-    assert (await asyncio.to_thread(get)).startswith("text/plain; version=0.0.4")
+    for port in chat.ports:
+        assert (await asyncio.to_thread(get, port)).startswith("text/plain; version=0.0.4")
 
 
 # TLS
@@ -263,14 +275,21 @@ def certificate(tmp_path):
     return cert, key
 
 
-async def test_tls_serves_wss(run_process, certificate):
+async def test_tls_serves_wss(start_chat, certificate):
     cert, key = certificate
-    process = run_process("--certfile", str(cert), "--keyfile", str(key))
-    assert process.url.startswith("wss://")
+    chat = await start_chat(certfile=str(cert), keyfile=str(key))
+    assert all(url.startswith("wss://") for url in chat.urls)
     context = ssl.create_default_context(cafile=str(cert))
-    async with connect(f"wss://127.0.0.1:{process.port}/secure?name=alice", ssl=context) as ws:
+    room = chat.room("secure")
+    alice = await chat.connect(f"/{room}?name=alice", ssl=context)
+    bob = await chat.connect(f"/{room}?name=bob", ssl=context)
+    for ws in (alice, bob):
         assert '"event":"welcome"' in await asyncio.wait_for(ws.recv(), 5)
-        await ws.send("over tls")
+    async with asyncio.timeout(5):
+        while '"name":"bob"' not in await alice.recv():  # bob's join notice
+            pass
+    await alice.send("over tls")
+    for ws in (alice, bob):
         async with asyncio.timeout(5):
             while '"over tls"' not in await ws.recv():
                 pass
@@ -279,27 +298,29 @@ async def test_tls_serves_wss(run_process, certificate):
 # Logs
 
 
-async def test_logs_say_who_came_and_went_but_never_what_they_said(server, caplog):
-    caplog.set_level(logging.INFO, logger="chatserver")
-    alice = await join(server.url, "logged", name="alice")
+async def test_logs_say_who_came_and_went_but_never_what_they_said(chat):
+    room = chat.room("logged")
+    alice = await chat.join(room, name="alice")
     await alice.send("a secret message")
     await alice.expect(type="user")
     await alice.close()
+
+    def lines(start: str) -> list[str]:
+        return [message for _, message in chat.logs()
+                if message.startswith(start) and f"room={room} " in message]
+
     async with asyncio.timeout(5):
-        while not any("disconnect" in r.getMessage() for r in caplog.records):
+        while not lines("disconnect"):
             await asyncio.sleep(0.01)
-    lines = [r.getMessage() for r in caplog.records if r.name == "chatserver"]
-    connect_line = next(line for line in lines if line.startswith("connect"))
-    disconnect_line = next(line for line in lines if line.startswith("disconnect"))
-    for part in ("room=logged", "name=alice", "address=127.0.0.1"):
+    [connect_line], [disconnect_line] = lines("connect"), lines("disconnect")
+    for part in (f"room={room}", "name=alice", "address=127.0.0.1"):
         assert part in connect_line and part in disconnect_line
     assert "code=1000" in disconnect_line
-    assert not any("secret" in r.getMessage() for r in caplog.records)
+    assert not any("secret" in message for _, message in chat.logs())
 
 
-async def test_refused_handshake_is_logged_as_a_warning(start_server, caplog):
-    server = await start_server(max_clients=1)
-    await join(server.url)
-    await refused_status(server.url)
-    assert any(r.levelno == logging.WARNING and "503" in r.getMessage()
-               for r in caplog.records)
+async def test_refused_handshake_is_logged_as_a_warning(start_chat):
+    chat = await start_chat(max_clients=1)
+    await chat.join(chat.room(), at=0)
+    await refused_status(chat.url)
+    assert any(level == "WARNING" and "503" in message for level, message in chat.logs())

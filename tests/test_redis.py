@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from websockets.asyncio.client import connect
@@ -20,70 +17,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatserver_redis import (BROKER_DOWN, SharedRoom, frame_prefix, history_window,
                               name_candidates)
-from conftest import ROOT, in_ci, join
+from conftest import ROOT, free_port, join
 
 FAST = ("--rate", "1000", "--burst", "1000")
-
-
-# A real redis-server ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """redis-server on 127.0.0.1, persistence off; can be stopped and started
-    again on the same port (it comes back empty, as after a crash)."""
-
-    def __init__(self, path: str, port: int) -> None:
-        self.path = path
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.popen: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [self.path, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.ping():
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.popen and self.popen.poll() is None:
-            self.popen.terminate()
-            self.popen.wait(10)
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def client(self):
-        import redis
-        return redis.Redis(port=self.port, host="127.0.0.1")
-
-
-@pytest.fixture
-def redis_server():
-    path = shutil.which("redis-server")
-    if path is None:
-        message = "redis-server is not installed (apt-get install redis-server; see .ci/setup)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    server = RedisServer(path, free_port())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -456,6 +392,29 @@ async def test_a_name_taken_while_redis_was_away_is_not_held_twice(cluster, redi
     assert closed.value.rcvd.code == 1013  # connect again: there is a suffix for you
     again = await join(a.url, "r", name="alice")
     assert again.name == "alice-2"
+
+
+async def test_members_get_the_shutdown_notice_while_a_join_waits_for_redis(
+        cluster, redis_server):
+    a = cluster(1)
+    alice = await join(a.url, "r", name="alice")
+    redis_server.popen.send_signal(signal.SIGSTOP)  # the next join waits for Redis
+    late = None
+    try:
+        late = await connect(f"{a.url}/r?name=late")
+        await asyncio.sleep(0.2)  # its join is under way: nothing to see until Redis answers
+        a.popen.send_signal(signal.SIGTERM)
+        frames = []
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(5):
+                while True:
+                    frames.append(json.loads(await alice.ws.recv()))
+        assert closed.value.rcvd.code == 1001
+        assert [f.get("event") for f in frames] == ["shutdown"]
+    finally:
+        redis_server.popen.send_signal(signal.SIGCONT)
+        if late is not None:
+            await late.close()
 
 
 async def test_empty_room_is_forgotten_after_room_ttl(cluster, redis_server):
