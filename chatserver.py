@@ -84,6 +84,7 @@ CID_MEMORY_S = 600.0  # ...and all those of the last 10 minutes, and lives that 
 FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
+INBOX_LINES = 64  # lines waiting for a back-end before we stop reading more
 STORE_ROOMS = 100_000  # rooms a --store keeps on disk: the most recently active
 CROWD_MEMBERS = 100
 BATCH_WINDOW_MS = 15.0  # a busy room sends at most every 15 ms; see --batch-window
@@ -865,10 +866,12 @@ class Rooms:
     `waits` is False for a back-end whose coroutines never wait (in memory):
     the connection layer then runs them to their end at once (`run_now`),
     with no task per client.  Otherwise each client gets a task that takes
-    its lines in order.  Every frame to a room goes out through `fanout`.
+    its lines in order, one at a time, or, if `pipelines`, all that wait at
+    once.  Every frame to a room goes out through `fanout`.
     """
 
     waits = True
+    pipelines = False  # True: carries out a client's lines in the order they start
 
     def __init__(self, chat: Chat, fanout: Fanout) -> None:
         self.chat = chat
@@ -1243,9 +1246,17 @@ class ChatServer:
                 client.inbox_ready.clear()
                 await client.inbox_ready.wait()
                 continue
-            line = client.inbox.popleft()
-            if member.is_here() and member.close_with is None:  # else it is closing
-                self.after_line(client, await self.rooms.receive(member, *self.unwrap(client, line)))
+            if self.rooms.pipelines:
+                # Start every waiting line now, in order (a back-end that
+                # pipelines carries them out in the order they start), and
+                # answer them in order: a paste of 20 lines waits for one
+                # commit, not 20.
+                lines, client.inbox = client.inbox, collections.deque()
+                answers = [asyncio.ensure_future(self.take_line(client, line)) for line in lines]
+            else:
+                answers = [self.take_line(client, client.inbox.popleft())]
+            for answer in answers:
+                self.after_line(client, await answer)
 
     def served(self, client: Client, task: asyncio.Task) -> None:
         """A client's task ended: if by a bug, say so, and close it (1011)."""
@@ -1276,32 +1287,31 @@ class ChatServer:
         if client.inbox is not None:
             client.inbox.append(line)
             client.inbox_ready.set()
-            if len(client.inbox) >= self.config.burst:
+            if len(client.inbox) >= INBOX_LINES:
                 # Push back rather than drop lines: read no more from this
                 # client until its task has taken what it sent.
                 client.transport.pause_reading()
-        elif client.member.is_here() and client.member.close_with is None:  # else closing
-            self.after_line(client, run_now(self.rooms.receive(client.member,
-                                                               *self.unwrap(client, line))))
+        else:
+            self.after_line(client, run_now(self.take_line(client, line)))
 
-    def unwrap(self, client: Client, text: str) -> tuple[str, str | None]:
-        """(line, cid) of a text frame; on an acks=1 connection, a frame that
-        is not {"cid", "line"} is answered here with an error."""
+    async def take_line(self, client: Client, text: str) -> Outgoing:
+        """Carry out one text frame from `client`: what it gets back."""
+        member = client.member
+        if not member.is_here() or member.close_with is not None:
+            return []  # replaced by a new connection, or flooding: it is closing
         if not client.acks:
-            return text, None
+            return await self.rooms.receive(member, text)
         cid, line, problem = unwrap(text)
-        if problem is None:
-            return line, cid
-        self.send(client, [(client.member, encode(error(client.member.room.name, problem,
-                                                         cid)))])
-        return "", None  # a blank line: nothing to do
+        if problem is not None:
+            return [(member, encode(error(member.room.name, problem, cid)))]
+        return await self.rooms.receive(member, line, cid)
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
         self.send(client, out)
         if member.room.pending:
             self.rooms.fanout.publish(member.room)
-        if member.close_with is not None:
+        if member.close_with is not None and client.protocol.state is State.OPEN:
             self.metrics.dropped[member.close_with[1]] += 1
             log.warning("closing %s in %s from %s: %s", member.name, member.room.name,
                         client.address, member.close_with[1])

@@ -324,6 +324,7 @@ class StoreRooms(MemoryRooms):
     acked once it is committed."""
 
     waits = True
+    pipelines = True  # one thread takes the posts in the order they come
 
     def __init__(self, chat: Chat, fanout: Fanout, config: Config) -> None:
         super().__init__(chat, fanout)

@@ -11,6 +11,7 @@ back-end is one more entry in BACKENDS and one more branch in
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -306,7 +307,7 @@ def shared_redis():
 
 # Every back-end behind one fixture -----------------------------------------
 
-BACKENDS = ("memory", "redis")
+BACKENDS = ("memory", "redis", "store")
 FAST = {"rate": 1000, "burst": 1000, "shutdown_timeout": 2}  # unless a test sets them
 
 
@@ -317,7 +318,22 @@ def backend_processes(request, backend: str) -> tuple[int, list[str]]:
         return 1, []
     if backend == "redis":
         return 2, ["--broker", request.getfixturevalue("shared_redis").url]
+    if backend == "store":  # --store FILE: see store_file
+        return 1, []
     raise AssertionError(f"unknown back-end {backend!r}")
+
+
+def store_file(request, shared_args: list[str] | None) -> str:
+    """A SQLite file for a --store process: one per set of flags for shared
+    processes (so they find it again), else a new one."""
+    folder = request.getfixturevalue("tmp_path_factory").getbasetemp() / "stores"
+    folder.mkdir(exist_ok=True)
+    if shared_args is None:
+        return str(folder / f"chat-{next(STORE_FILES)}.db")
+    return str(folder / f"shared-{hashlib.sha1(repr(shared_args).encode()).hexdigest()}.db")
+
+
+STORE_FILES = itertools.count(1)
 
 
 def command_line(options: dict) -> list[str]:
@@ -491,6 +507,8 @@ async def start_chat(backend, request):
             chat = Chat(backend, [server.url], [], server, handler.records)
         else:
             args = [*shared_args, *command_line(flags)]
+            if backend == "store":
+                args += ["--store", store_file(request, args if shared else None)]
             if shared:
                 key = (backend, *args)
                 started = request.getfixturevalue("shared_processes")
