@@ -475,6 +475,29 @@ def test_page_reconnects_by_itself_after_a_server_restart(open_page, site, chat_
     expect(page.online).to_have_text(["alice", "bob"])
 
 
+def test_with_a_store_a_restart_shows_nothing_but_the_brief_reconnect(open_page, site,
+                                                                      tmp_path):
+    server = ChatServerProcess("--store", str(tmp_path / "chat.db"))
+    try:
+        page = open_page(page_url(site, server=server.url, name="alice"))
+        page.wait_online()
+        page.say("before the restart")
+        expect(page.chat_texts).to_have_text(["before the restart"])
+
+        server.restart(signal.SIGKILL)  # a crash: the store still has the room
+        expect(page.status).not_to_have_attribute("data-state", "online")
+        page.wait_online(timeout=RECONNECT_MS)
+        page.say("after the restart")
+        expect(page.chat_texts).to_have_text(["before the restart", "after the restart"])
+        expect(page.notice("started over")).to_have_count(0)
+        expect(page.notice("no longer kept")).to_have_count(0)
+        other = open_page(page_url(site, server=server.url, name="bob"))
+        other.wait_online()
+        expect(other.chat_texts).to_have_text(["before the restart", "after the restart"])
+    finally:
+        server.kill()
+
+
 def test_a_line_sent_into_a_dead_link_shows_sending_and_arrives_once(
         open_page, site, chat_server, relay):
     """The link dies just after the page sent a line: the server got it, but
