@@ -247,9 +247,18 @@ class Refused(Exception):
     """A handshake that must be refused: an HTTP status and a plain reason."""
 
     def __init__(self, status: int, reason: str) -> None:
+        reason = printable(reason, 200)  # it may quote the client: goes to logs and answers
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def printable(text: str, limit: int = 100) -> str:
+    """Client-supplied `text`, safe for a log line or an HTTP answer: at most
+    `limit` characters, and any that could start a forged log line or drive a
+    terminal (newlines, ESC, bidi overrides...) written as escapes."""
+    return "".join(char if char.isprintable() else ascii(char)[1:-1]
+                   for char in text[:limit])
 
 
 @dataclasses.dataclass(eq=False)
@@ -1345,43 +1354,48 @@ class ChatServer:
 
     def answer(self, client: Client, request: Request) -> Response | None:
         """An HTTP response for `request`, or None to go on with the upgrade."""
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return self.http_answer(client, request)
-        address = self.client_address(client, request)
+        address = client.address
         try:
+            if (header(request, "Upgrade") or "").lower() != "websocket":
+                return self.http_answer(client, request)
+            address = self.client_address(client, request)
             request.ticket = self.check_handshake(request, address)
         except Refused as refusal:
             self.metrics.refused[refusal.status] += 1
             log.warning("refused %s %s from %s: %s",  # no query: it may hold a key
-                        request.path.partition("?")[0][:100], refusal.status,
+                        printable(request.path.partition("?")[0]), refusal.status,
                         address, refusal.reason)
             return client.protocol.reject(refusal.status, refusal.reason + "\n")
         return None
 
     def check_handshake(self, request: Request, address: str) -> Ticket:
+        """Everything a client can be refused for; what is wrong with the
+        request itself first, so that a bad request costs nothing (an idle
+        room is not evicted for it)."""
         config = self.config
-        origin = request.headers.get("Origin")
+        origin = header(request, "Origin")
         if config.allow_origin and origin not in config.allow_origin:
             raise Refused(403, f"origin {origin} is not allowed")
+        path, _, query = request.path.partition("?")
+        room = room_from_path(path)
+        params = parse_query(query)
+        since = parse_since(params.get("since"))
+        key = params.get("key")
         if len(self.clients) >= config.max_clients:
             raise Refused(503, "server full; try again later")
         if self.per_ip[address] >= config.max_per_ip:
             raise Refused(503, "too many connections from your address")
-        path, _, query = request.path.partition("?")
-        room = room_from_path(path)
         self.rooms.check_room(room)
-        params = parse_query(query)
-        key = params.get("key")
-        return Ticket(room, params.get("name"), parse_since(params.get("since")),
-                      params.get("epoch"), address, key if key and KEY.match(key) else None,
-                      acks=params.get("acks") == "1")
+        return Ticket(room, params.get("name"), since, params.get("epoch"), address,
+                      key if key and KEY.match(key) else None, acks=params.get("acks") == "1")
 
     def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:
-            forwarded = request.headers.get("X-Forwarded-For")
-            if forwarded:
-                # The right-most entry is the one our trusted proxy added.
-                return forwarded.rsplit(",", 1)[-1].strip()[:64]
+            # Several lines are one list (a proxy may add a line of its own),
+            # and the right-most entry is the one our trusted proxy added.
+            forwarded = ",".join(request.headers.get_all("X-Forwarded-For"))
+            if forwarded.strip():
+                return printable(forwarded.rsplit(",", 1)[-1].strip(), 64)
         return client.address
 
     # HTTP answers on the same port
@@ -1469,6 +1483,14 @@ class ChatServer:
             self.rooms.fanout.flush(room, for_joiners=False)
         for client in list(self.clients):
             client.close(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def header(request: Request, name: str) -> str | None:
+    """The value of the header `name`, or None; a repeated one is refused."""
+    values = request.headers.get_all(name)
+    if len(values) > 1:
+        raise Refused(400, f"the {name} header is given more than once")
+    return values[0] if values else None
 
 
 def room_from_path(path: str) -> str:
@@ -1590,6 +1612,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
                  "max_per_ip", "max_buffer", "store_rooms"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("rate", "flood_close", "handshake_timeout", "ping_interval", "ping_timeout"):
+        if not getattr(args, flag) > 0:  # "not >": NaN is refused too
+            parser.error(f"--{flag.replace('_', '-')} must be more than 0")
+    for flag in ("room_ttl", "shutdown_timeout"):
+        if not getattr(args, flag) >= 0:
+            parser.error(f"--{flag.replace('_', '-')} cannot be negative")
+    if not 0 <= args.port <= 65535:
+        parser.error("--port takes 0 to 65535")
     options = vars(args)
     options["allow_origin"] = tuple(options["allow_origin"])
     return Config(**options)
@@ -1803,8 +1833,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # websockets logs every open connection at INFO; keep that for DEBUG.
-    protocol_log.setLevel(max(logging.WARNING, logging.getLevelName(config.log_level)))
+    # websockets logs every open connection at INFO: that much only at DEBUG.
+    protocol_log.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
     raise_open_files_limit()
     if config.workers > 1:
         sys.exit(run_workers(config))

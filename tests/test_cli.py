@@ -85,3 +85,32 @@ async def test_uvloop_serves_a_chat_when_asked(run_process):
     await alice.close()
     assert process.terminate() == 0
     assert "event loop: uvloop" in process.stderr()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--rate", "0", "--rate must be more than 0"),
+    ("--rate", "-5", "--rate must be more than 0"),
+    ("--rate", "nan", "--rate must be more than 0"),
+    ("--flood-close", "0", "--flood-close must be more than 0"),
+    ("--ping-interval", "0", "--ping-interval must be more than 0"),
+    ("--ping-timeout", "-1", "--ping-timeout must be more than 0"),
+    ("--handshake-timeout", "0", "--handshake-timeout must be more than 0"),
+    ("--room-ttl", "-1", "--room-ttl cannot be negative"),
+    ("--shutdown-timeout", "-1", "--shutdown-timeout cannot be negative"),
+    ("--port", "70000", "--port takes 0 to 65535"),
+    ("--store-rooms", "0", "--store-rooms must be at least 1"),
+])
+def test_numbers_that_make_no_sense_are_refused_with_one_line(flag, value, says):
+    result = subprocess.run([sys.executable, "chatserver.py", flag, value], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and says in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(says)
+
+
+async def test_log_level_debug_shows_the_websocket_librarys_own_messages(run_process):
+    quiet, loud = run_process(), run_process("--log-level", "DEBUG")
+    for process in (quiet, loud):
+        await (await join(process.url, name="alice")).close()
+    await asyncio.sleep(0.2)
+    assert "chatserver.protocol" not in quiet.stderr()
+    assert "chatserver.protocol" in loud.stderr()

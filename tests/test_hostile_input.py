@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import Chat
+from conftest import Chat, each_backend
 from test_limits import refused_status
 
 TIMEOUT_S = 5
@@ -319,3 +319,68 @@ async def test_server_still_serves_after_the_whole_hostile_suite(start_chat):
     await bob.send("all good")
     assert (await alice.expect(type="user"))["message"] == "all good"
     assert await chat.metric("chat_connections") >= 2
+
+
+# Headers and log lines (issue 12, items 4 and 5)
+
+
+OPEN: list[asyncio.StreamWriter] = []  # kept open until the test's chat cuts them
+
+
+async def raw_handshake(chat: Chat, path: str, *headers: str, at: int | None = None) -> bytes:
+    """Send a WebSocket handshake with these extra header lines; the answer's
+    head and body.  The connection stays open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat.port_for(chat.next(at)))
+    chat.track(writer.transport)
+    OPEN.append(writer)
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+             *headers]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    async with asyncio.timeout(TIMEOUT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))
+        return head + (await reader.readexactly(length) if length else b"")
+
+
+@pytest.mark.parametrize("headers, flags", [
+    (["Upgrade: websocket", "Upgrade: websocket"], {}),
+    (["Upgrade: websocket", "Origin: https://a.example", "Origin: https://a.example"],
+     {"allow_origin": ("https://a.example",)}),
+])
+async def test_a_repeated_header_gets_a_clear_400(start_chat, headers, flags):
+    chat = await start_chat(**flags)
+    answer = await raw_handshake(chat, f"/{chat.room()}", *headers)
+    assert answer.startswith(b"HTTP/1.1 400") and b"more than once" in answer, answer
+    assert not [level for level, _ in chat.logs() if level == "ERROR"]
+    await (await chat.connect(f"/{chat.room()}", origin="https://a.example")).close()
+
+
+async def test_forwarded_for_on_several_lines_is_one_list_and_the_last_entry_counts(start_chat):
+    chat = await start_chat(trust_proxy=True, max_per_ip=1)
+    room = chat.room()
+    answer = await raw_handshake(chat, f"/{room}", "Upgrade: websocket",
+                                 "X-Forwarded-For: 10.0.0.1, 10.0.0.2", "X-Forwarded-For: 10.0.0.3",
+                                 at=0)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    refused = await raw_handshake(chat, f"/{room}", "Upgrade: websocket",
+                                  "X-Forwarded-For: 10.0.0.9, 10.0.0.3", at=0)
+    assert refused.startswith(b"HTTP/1.1 503"), refused  # the same client: 10.0.0.3
+    other = await raw_handshake(chat, f"/{room}", "Upgrade: websocket",
+                                "X-Forwarded-For: 10.0.0.3, 10.0.0.4", at=0)
+    assert other.startswith(b"HTTP/1.1 101"), other
+
+
+@each_backend()
+async def test_client_text_cannot_forge_a_log_line_or_reach_a_terminal(start_chat):
+    chat = await start_chat(processes=True)
+    forged = "/?%0AERROR+chatserver:+x=1&%0AERROR+chatserver:+x=2&%1B[31m=1&%1B[31m=2"
+    answer = await raw_handshake(chat, forged, "Upgrade: websocket", at=0)
+    assert answer.startswith(b"HTTP/1.1 400") and b"\x1b" not in answer, answer
+    answer = await raw_handshake(chat, "/bad%0d%0aroom%1b", "Upgrade: websocket", at=0)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    await chat.join(chat.room(), name="after", at=0)
+    log = chat.processes[0].stderr()
+    assert "\x1b" not in log and "\r" not in log
+    assert not [line for line in log.splitlines() if line.startswith("ERROR")], log

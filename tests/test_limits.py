@@ -13,6 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conftest import join
+
 
 
 
@@ -74,6 +76,21 @@ async def test_max_rooms_refuses_a_new_room_with_503(start_chat):
     status, body = await refused_status(f"{chat.url}/{chat.room('three')}")
     assert status == 503 and b"rooms" in body
     await chat.join(chat.room("one"), at=0)  # an existing room is still open
+
+
+async def test_a_bad_request_for_a_new_room_does_not_evict_an_idle_one(start_server):
+    server = await start_server(max_rooms=1)
+    alice = await join(server.url, "kept", name="alice")
+    await alice.send("keep me")
+    await alice.expect(type="user")
+    epoch = alice.welcome["epoch"]
+    await alice.close()
+    while server.chat.rooms["kept"].members:  # its leave has been seen
+        await asyncio.sleep(0.01)
+    status, _ = await refused_status(f"{server.url}/other?since=soon")
+    assert status == 400
+    back = await join(server.url, "kept", name="alice")
+    assert back.welcome["epoch"] == epoch  # not forgotten for a request that was refused
 
 
 async def test_max_clients_refuses_with_503(start_chat):
