@@ -1082,6 +1082,8 @@ class Client(asyncio.Protocol):
         self.ping_sent_at: float | None = None  # None: no ping unanswered
         self.entered = False  # past the handshake, in the chat
         self.acks = False
+        self.paused: set[str] = set()  # why we read nothing from it now
+        self.counted_as: str | None = None  # the address its connection counts for
         # With a back-end that waits: lines waiting for it, and the task that
         # takes them in order (see ChatServer.serve).
         self.inbox: collections.deque[str] | None = None
@@ -1094,8 +1096,30 @@ class Client(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "unknown"
+        # Past --max-buffer bytes waiting for the client, pause_writing():
+        # we read no more from it until they drain, or it is dropped.
+        transport.set_write_buffer_limits(high=self.server.config.max_buffer)
         self.timer = asyncio.get_running_loop().call_later(
             self.server.config.handshake_timeout, self.transport.abort)
+        self.server.connected(self)
+
+    def pause_writing(self) -> None:
+        self.pause("writes")
+
+    def resume_writing(self) -> None:
+        self.resume("writes")
+
+    def pause(self, why: str) -> None:
+        """Read no more from this client, for `why` (writes, or lines waiting)."""
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self.paused:
+            self.paused.discard(why)
+            if not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.protocol.receive_data(data)
@@ -1114,7 +1138,7 @@ class Client(asyncio.Protocol):
         if self.timer:
             self.timer.cancel()
         self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
-        self.server.forget(self)
+        self.server.disconnected(self)
 
     # The handshake
 
@@ -1134,6 +1158,13 @@ class Client(asyncio.Protocol):
     def on_frame(self, frame: Frame) -> None:
         self.ping_sent_at = None  # any frame shows the peer is alive
         opcode = frame.opcode
+        # Every frame counts towards the client's rate: a whole text message
+        # once (as a line), any other frame (ping, pong, binary, each
+        # continuation) on its own.  Its pong or error counts towards
+        # --max-buffer like any other byte written to it.
+        counted = opcode is Opcode.TEXT and frame.fin or opcode is Opcode.CLOSE
+        if not counted and self.entered and not self.server.admit_frame(self):
+            return
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if frame.fin:
                 self.on_message(opcode is Opcode.TEXT, frame.data)
@@ -1180,6 +1211,9 @@ class Client(asyncio.Protocol):
                 self.transport.write(data)
             else:
                 self.transport.close()
+        if self.transport.get_write_buffer_size() > self.server.config.max_buffer and \
+                self.member is not None:
+            self.server.drop(self, "too slow")  # pongs pile up like chat frames
         if self.protocol.close_expected() and self.timer is None:
             self.arm_close_timer()
 
@@ -1210,17 +1244,53 @@ class ChatServer:
         self.chat = Chat(config)
         self.rooms = open_rooms(config, self.chat, Fanout(config, self.metrics))
         self.clients: set[Client] = set()  # in the chat, past the handshake
+        self.connections = 0  # every TCP connection, from its accept to its close
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.tasks: list[asyncio.Task] = []
 
     # Entering and leaving
+
+    def connected(self, client: Client) -> None:
+        """Count a connection from its accept: one still in its handshake
+        holds as much as one in a room.  Over --max-clients it is answered
+        503 at once.  By address, it is counted here, or, behind a proxy
+        (--trust-proxy), once the handshake has named the client."""
+        self.connections += 1
+        if not self.config.trust_proxy:
+            self.per_ip[client.address] += 1
+            client.counted_as = client.address
+        if self.connections > self.config.max_clients:
+            self.refuse_at_once(client, "server full; try again later")
+        elif self.per_ip[client.address] > self.config.max_per_ip:
+            self.refuse_at_once(client, "too many connections from your address")
+
+    def refuse_at_once(self, client: Client, reason: str) -> None:
+        """503 before the request is read: it would cost what we refuse."""
+        log.warning("refused a connection 503 from %s: %s", client.address, reason)
+        body = f"{reason}\n".encode()
+        client.transport.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                               b"Content-Type: text/plain; charset=utf-8\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        client.transport.close()
+        self.metrics.refused[503] += 1
+
+    def disconnected(self, client: Client) -> None:
+        self.connections -= 1
+        self.forget(client)
+        if client.counted_as is not None:
+            self.per_ip[client.counted_as] -= 1
+            if not self.per_ip[client.counted_as]:
+                del self.per_ip[client.counted_as]
+            client.counted_as = None
 
     def enter(self, client: Client, ticket: Ticket) -> None:
         client.entered = True
         client.address = ticket.address
         client.acks = ticket.acks
         self.clients.add(client)
-        self.per_ip[ticket.address] += 1
+        if client.counted_as is None:
+            self.per_ip[ticket.address] += 1
+            client.counted_as = ticket.address
         if self.rooms.waits:
             client.inbox = collections.deque()
             client.inbox_ready = asyncio.Event()
@@ -1251,7 +1321,7 @@ class ChatServer:
         self.admit(client, member, out)
         while client in self.clients:
             if not client.inbox:
-                client.transport.resume_reading()
+                client.resume("lines")
                 client.inbox_ready.clear()
                 await client.inbox_ready.wait()
                 continue
@@ -1277,9 +1347,6 @@ class ChatServer:
         if client not in self.clients:
             return
         self.clients.discard(client)
-        self.per_ip[client.address] -= 1
-        if not self.per_ip[client.address]:
-            del self.per_ip[client.address]
         if client.inbox_ready is not None:
             client.inbox_ready.set()  # its task sees the client gone
         member = client.member
@@ -1299,7 +1366,7 @@ class ChatServer:
             if len(client.inbox) >= INBOX_LINES:
                 # Push back rather than drop lines: read no more from this
                 # client until its task has taken what it sent.
-                client.transport.pause_reading()
+                client.pause("lines")
         else:
             self.after_line(client, run_now(self.take_line(client, line)))
 
@@ -1334,6 +1401,18 @@ class ChatServer:
         self.send(client, [(client.member, encode(error(
             room.name, "binary frames are not supported; send text")))])
 
+    def admit_frame(self, client: Client) -> bool:
+        """Count a frame other than a whole text message towards the
+        client's rate; over it, the frame is ignored, and the client hears
+        of it as a flooding client does (then it is closed with 1008)."""
+        member = client.member
+        if member is None or self.chat.admit(member):
+            return True
+        refusal = self.chat.flood_answer(member)
+        out = [(member, encode(error(member.room.name, refusal.message)))] if refusal.shown else []
+        self.after_line(client, out)
+        return False
+
     def send(self, client: Client, out: Outgoing) -> None:
         if out:
             client.write(b"".join(frame_text(data) for _, data in out))
@@ -1359,7 +1438,7 @@ class ChatServer:
             if (header(request, "Upgrade") or "").lower() != "websocket":
                 return self.http_answer(client, request)
             address = self.client_address(client, request)
-            request.ticket = self.check_handshake(request, address)
+            request.ticket = self.check_handshake(client, request, address)
         except Refused as refusal:
             self.metrics.refused[refusal.status] += 1
             log.warning("refused %s %s from %s: %s",  # no query: it may hold a key
@@ -1368,7 +1447,7 @@ class ChatServer:
             return client.protocol.reject(refusal.status, refusal.reason + "\n")
         return None
 
-    def check_handshake(self, request: Request, address: str) -> Ticket:
+    def check_handshake(self, client: Client, request: Request, address: str) -> Ticket:
         """Everything a client can be refused for; what is wrong with the
         request itself first, so that a bad request costs nothing (an idle
         room is not evicted for it)."""
@@ -1381,9 +1460,7 @@ class ChatServer:
         params = parse_query(query)
         since = parse_since(params.get("since"))
         key = params.get("key")
-        if len(self.clients) >= config.max_clients:
-            raise Refused(503, "server full; try again later")
-        if self.per_ip[address] >= config.max_per_ip:
+        if self.per_ip[address] > config.max_per_ip - (client.counted_as is None):
             raise Refused(503, "too many connections from your address")
         self.rooms.check_room(room)
         return Ticket(room, params.get("name"), since, params.get("epoch"), address,
@@ -1658,6 +1735,8 @@ async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Client(chat_server), config.host, config.port,
                                       ssl=ssl_context, backlog=1024,
+                                      ssl_handshake_timeout=config.handshake_timeout
+                                      if ssl_context else None,
                                       reuse_port=config.workers > 1 or None)
     chat_server.tasks = [asyncio.create_task(chat_server.sweep_rooms()),
                          asyncio.create_task(chat_server.keep_alive())]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import struct
 
 import pytest
@@ -384,3 +385,70 @@ async def test_client_text_cannot_forge_a_log_line_or_reach_a_terminal(start_cha
     log = chat.processes[0].stderr()
     assert "\x1b" not in log and "\r" not in log
     assert not [line for line in log.splitlines() if line.startswith("ERROR")], log
+
+
+# Every frame counted (issue 12, item 1)
+
+
+async def test_a_ping_flood_ends_like_a_text_flood(start_chat):
+    chat = await start_chat(rate=5, burst=5, flood_close=1)
+    room = chat.room()
+    bystander = await chat.join(room, name="bystander", at=0)
+    speaker = await chat.join(room, name="speaker", at=0)
+    raw = await raw_connect(chat, f"/{room}?name=pinger")
+
+    async def flood() -> None:
+        for _ in range(300):  # 3 s at most; the server closes it well before
+            raw.send_frame(9, b"are you there?")
+            await asyncio.sleep(0.01)
+
+    flooding = asyncio.create_task(flood())
+    frames, code = await raw.frames_until_close()
+    flooding.cancel()
+    errors = [f for f in frames if f.get("event") == "error"]
+    assert code == 1008 and 1 <= len(errors) <= 3, (code, errors)
+    assert all("slow down" in f["message"] for f in errors)
+    await still_served(bystander, speaker)
+
+
+async def test_a_binary_flood_gets_an_error_a_second_then_1008(start_chat):
+    chat = await start_chat(rate=5, burst=5, flood_close=1)
+    room = chat.room()
+    raw = await raw_connect(chat, f"/{room}?name=binary")
+
+    async def flood() -> None:
+        for _ in range(30):  # 100 frames a second for 3 s at most
+            for _ in range(10):
+                raw.send_frame(2, b"\x00\x01")
+            await asyncio.sleep(0.1)
+
+    flooding = asyncio.create_task(flood())
+    frames, code = await raw.frames_until_close()
+    flooding.cancel()
+    errors = [f["message"] for f in frames if f.get("event") == "error"]
+    assert code == 1008
+    # Those within the rate get their error: the burst, and 5 a second after it.
+    assert errors.count("binary frames are not supported; send text") <= 5 + 5 * 3
+    assert 1 <= len([e for e in errors if "slow down" in e]) <= 3
+
+
+async def test_pongs_to_a_client_that_never_reads_count_against_max_buffer(start_chat):
+    chat = await start_chat(max_buffer=16384, rate=100000, burst=100000, processes=True)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so that little waits in the kernel
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", chat.port_for(0)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    chat.track(writer.transport)
+    writer.write(f"GET /{chat.room()}?name=deaf HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    writer.transport.pause_reading()  # it sends pings and reads nothing: pongs pile up
+    raw = Raw(reader, writer)
+    for _ in range(40000):  # 5 MB of pongs: more than the kernel's socket buffers hold
+        raw.send_frame(9, b"p" * 125)
+        await writer.drain()
+    async with asyncio.timeout(10):
+        while not await chat.metric('chat_clients_dropped_total{reason="too slow"}'):
+            await asyncio.sleep(0.05)

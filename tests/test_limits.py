@@ -341,3 +341,34 @@ async def test_refused_handshake_is_logged_as_a_warning(start_chat):
     await chat.join(chat.room(), at=0)
     await refused_status(chat.url)
     assert any(level == "WARNING" and "503" in message for level, message in chat.logs())
+
+
+# Connections still in their handshake (issue 12, item 3)
+
+
+async def idle_tcp(chat, at: int = 0) -> asyncio.StreamWriter:
+    """A TCP connection that never says a word."""
+    _, writer = await asyncio.open_connection("127.0.0.1", chat.port_for(at))
+    chat.track(writer.transport)
+    return writer
+
+
+@pytest.mark.parametrize("limit", ["max_clients", "max_per_ip"])
+async def test_connections_in_their_handshake_count_against_the_limits(start_chat, limit):
+    chat = await start_chat(**{limit: 2}, handshake_timeout=30)
+    silent = [await idle_tcp(chat), await idle_tcp(chat)]
+    status, body = await refused_status(f"{chat.url_for(0)}/{chat.room()}")
+    assert status == 503, body
+    silent[0].close()
+    await asyncio.sleep(0.2)
+    await chat.join(chat.room(), at=0)  # one place is free again
+
+
+async def test_a_tls_handshake_that_never_starts_is_dropped_after_the_handshake_timeout(
+        start_chat, certificate):
+    cert, key = certificate
+    chat = await start_chat(certfile=str(cert), keyfile=str(key), handshake_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", chat.port_for(0))
+    chat.track(writer.transport)
+    async with asyncio.timeout(5):  # asyncio's own default would be 60 s
+        assert await reader.read() == b""
