@@ -903,6 +903,11 @@ class Rooms:
     async def sweep(self) -> None:
         """Housekeeping, every minute or so."""
 
+    async def before_answer(self, member: Member) -> None:
+        """Wait, if need be, until `member`'s earlier lines are queued in its
+        room: an answer must not overtake them (the connection layer sends
+        what the room has queued first)."""
+
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         """Let a newcomer in: a name (taken over from its old connection if
         the ticket's key says so), its session, the welcome and the history
@@ -966,6 +971,8 @@ class Rooms:
                 with contextlib.suppress(Unavailable):  # done all the same: ack it
                     await self.remember(member, cid, None)
             frames.append(ack(room, cid, seq))
+        if any(frame["event"] != "ack" for frame in frames):
+            await self.before_answer(member)
         return [(member, encode(frame)) for frame in frames]
 
     async def carry_out(self, member: Member, decision: Decision,
@@ -1080,6 +1087,7 @@ class Client(asyncio.Protocol):
         self.fragmented_text = True
         self.timer: asyncio.TimerHandle | None = None  # handshake or close deadline
         self.ping_sent_at: float | None = None  # None: no ping unanswered
+        self.heard_at = time.monotonic()  # when it last sent a frame
         self.entered = False  # past the handshake, in the chat
         self.acks = False
         self.paused: set[str] = set()  # why we read nothing from it now
@@ -1157,6 +1165,7 @@ class Client(asyncio.Protocol):
 
     def on_frame(self, frame: Frame) -> None:
         self.ping_sent_at = None  # any frame shows the peer is alive
+        self.heard_at = time.monotonic()
         opcode = frame.opcode
         # Every frame counts towards the client's rate: a whole text message
         # once (as a line), any other frame (ping, pong, binary, each
@@ -1384,6 +1393,10 @@ class ChatServer:
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
+        if member.room.pending and any(b'"event":"ack"' not in data for _, data in out):
+            # An answer must not overtake the sender's earlier lines, which
+            # may wait in the room's batch: they go first.  (An ack may.)
+            self.rooms.fanout.flush(member.room)
         self.send(client, out)
         if member.room.pending:
             self.rooms.fanout.publish(member.room)
@@ -1520,26 +1533,24 @@ class ChatServer:
     # Background work: dead peers and idle rooms
 
     async def keep_alive(self) -> None:
-        """Ping every client each --ping-interval; a client that has sent
-        nothing, not even the pong, for --ping-timeout after it is dead."""
+        """Ping each client that has been quiet for --ping-interval; one
+        that stays quiet, not even a pong, for --ping-timeout more is dead."""
         config = self.config
-        step = max(0.05, min(config.ping_interval, config.ping_timeout) / 2)
-        last_round = time.monotonic()
+        step = max(0.05, min(1.0, config.ping_interval / 4, config.ping_timeout / 4))
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
             for client in list(self.clients):
-                if client.ping_sent_at is not None and now - client.ping_sent_at > config.ping_timeout:
+                due = keepalive_due(now - client.heard_at, client.ping_sent_at is not None,
+                                    config.ping_interval, config.ping_timeout, step)
+                if due == "dead":
                     self.metrics.dropped["no pong"] += 1
                     log.warning("no pong from %s", client.address)
                     client.protocol.fail(1011, "keepalive ping timeout")
                     client.send_protocol_data()
                     client.transport.abort()
-            if now - last_round >= config.ping_interval:
-                last_round = now
-                for client in self.clients:
-                    if client.ping_sent_at is None and client.protocol.state is State.OPEN:
-                        client.ping()
+                elif due == "ping" and client.protocol.state is State.OPEN:
+                    client.ping()
 
     async def sweep_rooms(self) -> None:
         interval = max(0.05, min(SWEEP_INTERVAL_S, self.config.room_ttl))
@@ -1560,6 +1571,19 @@ class ChatServer:
             self.rooms.fanout.flush(room, for_joiners=False)
         for client in list(self.clients):
             client.close(CLOSE_GOING_AWAY, "server shutting down")
+
+
+def keepalive_due(quiet: float, pinged: bool, interval: float, timeout: float,
+                  step: float) -> str | None:
+    """What a client that has sent nothing for `quiet` seconds needs, looked
+    at every `step` seconds: "dead" so that it is found within interval +
+    timeout of its last frame, "ping" once it is quiet for the interval (a
+    step early, not late), or None."""
+    if quiet >= interval + timeout - step:
+        return "dead"
+    if quiet >= interval - step and not pinged:
+        return "ping"
+    return None
 
 
 def header(request: Request, name: str) -> str | None:

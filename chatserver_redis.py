@@ -31,10 +31,12 @@ members there, and fans out what the channel brings through chatserver's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import secrets
+import weakref
 
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
                         Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
@@ -67,6 +69,7 @@ class SharedRoom(Room):
     ever_synced: bool = False
     early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     total: int = 0  # members on every process, as the last join or leave said
+    advanced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # seq grew
 
     def published(self, head: bytes, frame: bytes) -> None:
         """Queue a frame from the room's channel for the fan-out.
@@ -84,6 +87,7 @@ class SharedRoom(Room):
                 return  # known from the sync point: in Redis's history
             self.seq = seq
             self.pending_seq.append(seq)
+            self.advanced.set()
         self.pending.append(frame)
 
     def gather(self, frame: bytes) -> bool:
@@ -476,6 +480,7 @@ class RedisRooms(Rooms):
         # heartbeats and leaves need some too, or they time out and the
         # broker is taken for lost.
         self.join_slots = asyncio.Semaphore(REDIS_CONNECTIONS // 4)
+        self.posted: weakref.WeakKeyDictionary[Member, int] = weakref.WeakKeyDictionary()
 
     # Starting and stopping
 
@@ -592,7 +597,18 @@ class RedisRooms(Rooms):
         if epoch.decode() != room.epoch:
             log.warning("room %s: epoch changed in Redis; syncing", room.name)
             self.spawn(self.sync(room))
-        return None if seq == b"-" else int(seq)
+        if seq == b"-":
+            return None
+        self.posted[member] = int(seq)
+        return int(seq)
+
+    async def before_answer(self, member: Member) -> None:
+        room = member.room
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with asyncio.timeout(REDIS_TIMEOUT_S):  # if Redis is slow, answer anyway
+                while room.seq < self.posted.get(member, 0):
+                    room.advanced.clear()
+                    await room.advanced.wait()
 
     async def who(self, member: Member) -> list[str]:
         return online_names(await self.call(self.client.hvals,

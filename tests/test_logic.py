@@ -7,6 +7,7 @@ import json
 import pytest
 
 from chatserver import (ACKED_FRAME, CID_MEMORY_S, Acked, Chat, Config, Member, MemoryRooms,
+                        keepalive_due,
                         Refused, Room, Session, name_problem, room_from_path, run_now, unwrap)
 
 
@@ -523,3 +524,19 @@ def test_a_refused_acked_line_gets_an_error_with_its_cid_and_is_not_remembered()
 ])
 def test_unwrap_reads_an_acked_frame_or_says_what_was_expected(text, expected):
     assert unwrap(text) == expected
+
+
+@pytest.mark.parametrize("interval, timeout", [(20, 20), (0.2, 0.3), (60, 5)])
+def test_a_silent_peer_is_found_dead_within_ping_interval_plus_ping_timeout(interval, timeout):
+    step = max(0.05, min(1.0, interval / 4, timeout / 4))
+    pinged_at, dead_at, quiet = None, None, 0.0
+    while dead_at is None:  # the keepalive's rounds, from the peer's last frame on
+        quiet += step
+        due = keepalive_due(quiet, pinged_at is not None, interval, timeout, step)
+        if due == "ping":
+            pinged_at = quiet
+        elif due == "dead":
+            dead_at = quiet
+    assert pinged_at is not None and pinged_at <= interval
+    assert dead_at - pinged_at >= timeout - 2 * step  # the ping had its time to be answered
+    assert dead_at <= interval + timeout + 1e-9

@@ -465,3 +465,13 @@ async def test_a_replaced_only_member_keeps_its_room_even_with_room_ttl_0(start_
     again = await chat.join(room, name="alice", key=alice.welcome["key"])
     assert again.name == "alice" and again.welcome["epoch"] == alice.welcome["epoch"]
     assert [f["message"] for f in again.backlog] == ["kept"]
+
+
+@pytest.mark.parametrize("command, event", [("/who", "who"), ("/dance", "error"),
+                                            ("/help", "help")])
+async def test_an_answer_never_overtakes_the_senders_earlier_lines(chat, command, event):
+    alice = await chat.join(chat.room(), name="alice")
+    await alice.send("first")
+    await alice.send(command)
+    frames = await alice.recv_until(lambda f: f.get("event") == event)
+    assert [f["message"] for f in frames if f["type"] == "user"] == ["first"]
