@@ -8,6 +8,14 @@
  *   loadgen fanout HOST PORT PATH CLIENTS SENDERS MSG_BYTES STEP_S DEFLATE SERVER_PID RATE...
  *   loadgen idle   HOST PORT PATH CLIENTS DEFLATE     (holds until stdin closes)
  *   loadgen storm  HOST PORT PATH CLIENTS DEFLATE
+ *   loadgen ingest HOST PORT PREFIX CLIENTS ROOMS LINE_BYTES STEP_S DEFLATE SERVER_PID RATE...
+ *
+ * ingest: client i joins room PREFIX<i % ROOMS> (/r0, /r1, ...) with
+ * ?acks=1, and every client sends: lines go round-robin over all clients at
+ * an open-loop rate (lines/s), each as {"cid": "<send ns>_<n>", "line":
+ * "xxx..."}.  Every frame received is scanned (memmem, no JSON parsing) for
+ * "event":"ack" (the cid gives the latency of every ack), "event":"error",
+ * or else counted as a chat delivery.
  *
  * Results are JSON lines on stdout.  Loopback only; every phase is bounded
  * in time.
@@ -52,6 +60,10 @@ static double *lat_ms;
 static long nlat;
 static const char *host, *path;
 static int port;
+/* ingest: clients spread over rooms PATH0..PATH<rooms-1>, with ?acks=1 */
+static int rooms;
+static long acks, errors_seen, deliveries;
+static void on_ingest_frame(const unsigned char *p, size_t n);
 
 static double now_s(void) {
     struct timespec t;
@@ -112,28 +124,32 @@ static void open_conn(int i, int deflate) {
     if (connect(c->fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    char req[512];
+    char req[768], target[300];
+    if (rooms > 0) snprintf(target, sizeof target, "%s%d?acks=1", path, i % rooms);
+    else snprintf(target, sizeof target, "%s", path);
     int n = snprintf(req, sizeof req,
         "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
         "Origin: http://localhost:8000\r\n%s\r\n",
-        path, host, port,
+        target, host, port,
         deflate ? "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" : "");
     send_all(c->fd, req, n);
     fcntl(c->fd, F_SETFL, O_NONBLOCK);
     c->cap = 65536;
     c->buf = malloc(c->cap);
-    c->sampled = i < SAMPLED;
+    c->sampled = rooms > 0 || i < SAMPLED;  /* ingest reads every frame */
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
 }
 
 static void send_frame(Conn *c, int opcode, const unsigned char *data, size_t len) {
-    unsigned char frame[256];
+    unsigned char frame[2048];
     unsigned char mask[4] = {0x12, 0x34, 0x56, 0x78};
     size_t h = 2;
+    if (len > sizeof frame - 8) len = sizeof frame - 8;
     frame[0] = 0x80 | opcode;
-    frame[1] = 0x80 | len;   /* len < 126 */
+    if (len < 126) frame[1] = 0x80 | len;
+    else { frame[1] = 0x80 | 126; frame[2] = len >> 8; frame[3] = len & 255; h = 4; }
     memcpy(frame + h, mask, 4);
     h += 4;
     for (size_t k = 0; k < len; k++) frame[h + k] = data[k] ^ mask[k & 3];
@@ -149,7 +165,8 @@ static void note_latency(const unsigned char *p, size_t n) {
 }
 
 static void sample(Conn *c, const unsigned char *p, size_t n, int rsv1) {
-    if (!rsv1) { note_latency(p, n); return; }
+    void (*take)(const unsigned char *, size_t) = rooms > 0 ? on_ingest_frame : note_latency;
+    if (!rsv1) { take(p, n); return; }
     static unsigned char out[262144];
     static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
     if (!c->z_ready) {
@@ -168,7 +185,7 @@ static void sample(Conn *c, const unsigned char *p, size_t n, int rsv1) {
             got = sizeof out - c->z.avail_out;
         } while (c->z.avail_in && got < sizeof out);
     }
-    note_latency(out, got);
+    take(out, got);
 }
 
 /* Parse whole frames out of the buffer; count messages, answer pings. */
@@ -330,6 +347,83 @@ static int fanout(int argc, char **argv) {
     return 0;
 }
 
+/* ingest: an ack gives the latency of its line from the send time in its
+ * cid ("cid":"<19 digits>_<n>"); an error is counted; anything else that
+ * is a chat frame ("type":"user") is a delivery. */
+#define ACK_EVENT "\"event\":\"ack\""
+#define ERROR_EVENT "\"event\":\"error\""
+#define CID_FIELD "\"cid\":\""
+static void on_ingest_frame(const unsigned char *p, size_t n) {
+    if (memmem(p, n, ACK_EVENT, sizeof ACK_EVENT - 1)) {
+        acks++;
+        const unsigned char *m = memmem(p, n, CID_FIELD, sizeof CID_FIELD - 1);
+        if (!m) return;
+        m += sizeof CID_FIELD - 1;
+        if (m + 19 > p + n || nlat >= MAX_LAT) return;
+        long long sent = 0;
+        for (int k = 0; k < 19; k++) sent = sent * 10 + (m[k] - '0');
+        lat_ms[nlat++] = (now_ns() - sent) / 1e6;
+    } else if (memmem(p, n, ERROR_EVENT, sizeof ERROR_EVENT - 1)) {
+        if (errors_seen++ < 3) fprintf(stderr, "error frame: %.*s\n", (int)n, p);
+    } else if (memmem(p, n, "\"type\":\"user\"", 13)) {
+        deliveries++;
+    }
+}
+
+static int ingest(int argc, char **argv) {
+    int line_bytes = atoi(argv[7]), deflate = atoi(argv[9]);
+    double step_s = atof(argv[8]);
+    int server_pid = atoi(argv[10]);
+    if (line_bytes < 1 || line_bytes > 1000) line_bytes = 64;
+    connect_all(deflate, 120);
+    pump(now_s() + 30, 1.0);  /* let join notices settle */
+    /* members of each room, for the deliveries to expect */
+    int *members = calloc(rooms, sizeof *members);
+    for (int i = 0; i < nconns; i++) members[i % rooms]++;
+    char text[1200], line[1001];
+    memset(line, 'x', line_bytes);
+    line[line_bytes] = 0;
+    long serial = 0;
+    for (int r = 11; r < argc; r++) {
+        double rate = atof(argv[r]);
+        total_messages = acks = errors_seen = deliveries = 0;
+        nlat = 0;
+        long expected_deliveries = 0;
+        double cpu0 = proc_cpu_s(server_pid), self0 = self_cpu_s();
+        double t0 = now_s(), end = t0 + step_s;
+        long sent = 0;
+        while (now_s() < end) {
+            double t = now_s();
+            while (t0 + sent / rate <= t && t0 + sent / rate < end) {
+                int who = (int)(serial % nconns);
+                int n = snprintf(text, sizeof text, "{\"cid\":\"%019lld_%ld\",\"line\":\"%s\"}",
+                                 now_ns(), serial, line);
+                send_frame(&conns[who], 1, (unsigned char *)text, n);
+                expected_deliveries += members[who % rooms];
+                serial++;
+                sent++;
+            }
+            double next = t0 + sent / rate;
+            pump(next < end ? next : end, 0);
+        }
+        double stopped = pump(now_s() + 5, 0.5);  /* drain */
+        double cpu1 = proc_cpu_s(server_pid), self1 = self_cpu_s();
+        qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
+        double p99 = pct(0.99);
+        printf("{\"rate\": %.0f, \"sent\": %ld, \"acked\": %ld, \"lost\": %ld, \"errors\": %ld, "
+               "\"acks_per_s\": %.0f, \"expected_deliveries\": %ld, \"delivered\": %ld, "
+               "\"lost_deliveries\": %ld, \"p50_ms\": %.2f, \"p99_ms\": %.2f, \"max_ms\": %.2f, "
+               "\"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, \"step_s\": %.3f, "
+               "\"wall_s\": %.3f, \"compressed\": %d}\n",
+               rate, sent, acks, sent - acks, errors_seen, acks / step_s, expected_deliveries,
+               deliveries, expected_deliveries - deliveries, pct(0.5), p99, pct(1.0),
+               cpu1 - cpu0, self1 - self0, step_s, stopped - t0, conns[0].compressed);
+        fflush(stdout);
+        if (acks != sent || errors_seen || deliveries != expected_deliveries || p99 >= 100) break;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 7) {
         fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
@@ -345,6 +439,12 @@ int main(int argc, char **argv) {
     lat_ms = malloc(sizeof *lat_ms * MAX_LAT);
     epfd = epoll_create1(0);
     if (!strcmp(mode, "fanout") && argc >= 12) return fanout(argc, argv);
+    if (!strcmp(mode, "ingest") && argc >= 12) {
+        path = argv[4];
+        rooms = atoi(argv[6]);
+        if (rooms < 1) { fprintf(stderr, "ingest needs ROOMS >= 1\n"); return 2; }
+        return ingest(argc, argv);
+    }
     int deflate = atoi(argv[6]);
     if (!strcmp(mode, "idle")) {
         connect_all(deflate, 120);

@@ -15,6 +15,15 @@ Each server runs pinned to core 0 (`taskset -c 0`), the C load generator
 - idle: N idle connections; server RSS before and after, KiB per connection.
 - storm: N clients join one room at once; time until every one is welcomed
   and until the room is quiet again (every notice delivered).
+- ingest: 2,000 clients in 1,000 rooms (2 each), all sending with acks=1
+  ({"cid", "line"} frames) at an open-loop rate ladder; per step acked
+  lines/s, unacked lines, errors, chat deliveries, p50/p99/max latency from
+  send to ack, server CPU per acked line.  The result is the highest step
+  with every line acked and delivered, no error, and p99 under 100 ms.
+
+The `store` server is chatserver with `--store` on a fresh SQLite file for
+each run, in a directory on a real disk (not tmpfs): /tmp unless /tmp is a
+tmpfs, then bench/build/; `--store-dir` chooses another.
 
 It prints a table with ratios against each baseline and writes
 bench/results/latest.json.  Needs gcc, zlib headers, node and npm (for the
@@ -54,9 +63,14 @@ SERVERS = {
 SERVERS["redis"] = (SERVERS["chatserver"][0] + ["--broker", "redis://127.0.0.1:{redis}/0"],
                     "/bench")
 SERVERS["redis-workers2"] = (SERVERS["redis"][0] + ["--workers", "2"], "/bench")
+# Durable: chatserver over a SQLite store, a fresh file for each run ({store}
+# is replaced by a new directory; see store_parent()).
+SERVERS["store"] = (SERVERS["chatserver"][0] + ["--store", "{store}/bench.db"], "/bench")
+CHATSERVERS = ("chatserver", "redis", "redis-workers2", "store")
 LABELS = {
     "redis": "chatserver `--broker` (Redis)",
     "redis-workers2": "chatserver `--broker --workers 2`",
+    "store": "chatserver `--store` (SQLite)",
     "chatserver": "chatserver",
     "tutorial": "tutorial Tornado",
     "naive": "naive `websockets`",
@@ -76,6 +90,33 @@ def build() -> None:
                        check=True)
 
 
+def fs_type(path: str) -> str:
+    """The type of the file system that holds `path` (ext4, tmpfs, ...)."""
+    path, best, kind = os.path.realpath(path), "", "?"
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype, *_ = line.split()
+            point = point.replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) \
+                    and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind
+
+
+STORE_PARENT: list[str] = []
+
+
+def store_parent() -> str:
+    """Where the `store` variant's databases go: /tmp if it is on a disk,
+    else bench/build/ (a tmpfs would make every fsync free)."""
+    if not STORE_PARENT:
+        parent = tempfile.gettempdir()
+        if fs_type(parent) in ("tmpfs", "ramfs"):
+            parent = str(LOADGEN.parent)
+        STORE_PARENT.append(parent)
+    return STORE_PARENT[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,8 +129,12 @@ class Server:
     def __init__(self, name: str) -> None:
         command, self.path = SERVERS[name]
         self.port = free_port()
-        command = [part.replace("{port}", str(self.port))
-                   .replace("{redis}", str(redis_port())) for part in command]
+        self.store_dir = None
+        if any("{store}" in part for part in command):
+            self.store_dir = tempfile.mkdtemp(prefix="chatbench-", dir=store_parent())
+        redis = str(redis_port()) if any("{redis}" in part for part in command) else ""
+        command = [part.replace("{port}", str(self.port)).replace("{redis}", redis)
+                   .replace("{store}", self.store_dir or "") for part in command]
         self.errors = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(["taskset", "-c", "0", *command],
                                         stdout=subprocess.DEVNULL, stderr=self.errors,
@@ -128,6 +173,10 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.store_dir:
+            self.store_bytes = sum(f.stat().st_size for f in Path(self.store_dir).iterdir())
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+            self.store_dir = None
 
 
 _redis: list = []
@@ -214,6 +263,41 @@ def storm(name: str, clients: int, options: argparse.Namespace) -> dict:
         server.stop()
 
 
+def ingest(name: str, options: argparse.Namespace) -> list[dict]:
+    server = Server(name)
+    try:
+        return loadgen("ingest", "127.0.0.1", server.port, "/r", options.ingest_clients,
+                       options.rooms, 64, options.step, int(options.deflate), server.pid,
+                       *options.ingest_ladder)
+    finally:
+        server.stop()
+
+
+def ingest_ok(step: dict) -> bool:
+    return (step["lost"] == 0 and step["errors"] == 0 and step["lost_deliveries"] == 0
+            and 0 <= step["p99_ms"] < 100)
+
+
+def summarize_ingest(runs: list[list[dict]], at: float) -> dict:
+    best = [max((s for s in steps if ingest_ok(s)), key=lambda s: s["acks_per_s"],
+                default=None) for steps in runs]
+    near = [min(steps, key=lambda s: abs(s["rate"] - at)) if steps else None
+            for steps in runs]
+    cpu = [s["server_cpu_s"] / s["acked"] * 1e6 for s in near if s and s["acked"]]
+    return {
+        "max_acked_lines_per_s": statistics.median([b["acks_per_s"] if b else 0
+                                                    for b in best]),
+        "reference_rate": at,
+        "cpu_us_per_line_at_reference": statistics.median(cpu) if cpu else None,
+        "p50_ms_at_reference": statistics.median([s["p50_ms"] for s in near if s] or [-1]),
+        "p99_ms_at_reference": statistics.median([s["p99_ms"] for s in near if s] or [-1]),
+        "p99_ms_at_best": statistics.median([b["p99_ms"] for b in best if b] or [-1]),
+        "loadgen_cpu_share_at_best": statistics.median(
+            [b["loadgen_cpu_s"] / b["step_s"] for b in best if b] or [0]),
+        "runs": runs,
+    }
+
+
 def best_step(steps: list[dict]) -> dict | None:
     good = [s for s in steps if s["lost"] == 0 and 0 <= s["p99_ms"] < 100]
     return max(good, key=lambda s: s["deliveries_per_s"]) if good else None
@@ -272,6 +356,8 @@ def table(results: dict, options: argparse.Namespace) -> str:
              "CPU and memory: lower is better):", "",
              "| baseline | throughput | CPU per delivery | RSS per idle connection (1k) |",
              "|---|---|---|---|"]
+    if not any(name in results["servers"] for name in BASELINES):
+        lines = []
     for name in BASELINES:
         if name not in results["servers"]:
             continue
@@ -281,19 +367,88 @@ def table(results: dict, options: argparse.Namespace) -> str:
             f"{ratio(ours.get('fanout', {}).get('max_deliveries_per_s'), theirs.get('fanout', {}).get('max_deliveries_per_s'))} | "
             f"{ratio(ours.get('fanout', {}).get('cpu_us_per_delivery_at_100k'), theirs.get('fanout', {}).get('cpu_us_per_delivery_at_100k'))} | "
             f"{ratio((ours.get('idle_1000') or {}).get('kib_per_connection'), (theirs.get('idle_1000') or {}).get('kib_per_connection'))} |")
+    if "store" in results["servers"] and "chatserver" in results["servers"]:
+        lines += store_table(results)
     head = (f"{options.clients} clients in one room, {options.senders} senders, 64-byte "
             f"messages, permessage-deflate {'offered' if options.deflate else 'not offered'}; "
             f"medians of {options.repeat} runs; join storm: {options.storm} clients, "
             "time until all are welcomed / until every notice is delivered.")
-    return "\n".join([head, "", *rows, *lines])
+    if not any("fanout" in r for r in results["servers"].values()):
+        head, rows, lines = "", [], []  # an ingest-only run
+    return "\n".join([head, "", *rows, *lines, *ingest_table(results, options)]).strip()
+
+
+def store_table(results: dict) -> list[str]:
+    """`--store` against in memory, measured in the same run."""
+    mem = results["servers"]["chatserver"].get("fanout")
+    disk = results["servers"]["store"].get("fanout")
+    if not mem or not disk:
+        return []
+    p99 = (disk["p99_ms_at_100k"] - mem["p99_ms_at_100k"]
+           if disk["p99_ms_at_100k"] is not None and mem["p99_ms_at_100k"] is not None
+           else float("nan"))
+    return ["", "Fan-out, `--store` against in memory (same run):", "",
+            "| | max sustained | CPU per delivery at 100k/s | p99 at 100k/s |",
+            "|---|---|---|---|",
+            (f"| store / in memory | "
+             f"{ratio(disk['max_deliveries_per_s'], mem['max_deliveries_per_s'])} | "
+             f"{ratio(disk['cpu_us_per_delivery_at_100k'], mem['cpu_us_per_delivery_at_100k'])}"
+             f" | {p99:+.1f} ms |")]
+
+
+def ingest_table(results: dict, options: argparse.Namespace) -> list[str]:
+    have = [n for n in results["servers"] if "ingest" in results["servers"][n]]
+    if not have:
+        return []
+    at = options.ingest_reference
+    rows = ["",
+            (f"Ingest: {options.ingest_clients} clients in {options.rooms} rooms, all "
+             "sending acknowledged lines (acks=1, 64-byte lines); medians of "
+             f"{options.repeat} runs. Max sustained: every line acked and delivered, no "
+             f"error, p99 send-to-ack under 100 ms. CPU and latency read at {at:,} lines/s."),
+            "",
+            (f"| server | max sustained acked lines/s | CPU per line at {at:,}/s | "
+             f"p50 / p99 at {at:,}/s | p99 at max |"),
+            "|---|---|---|---|---|"]
+    for name in have:
+        r = results["servers"][name]["ingest"]
+        cpu = r["cpu_us_per_line_at_reference"]
+        rows.append(f"| {LABELS[name]} | {r['max_acked_lines_per_s']:,.0f} | "
+                    f"{f'{cpu:.1f} us' if cpu else 'n/a'} | {r['p50_ms_at_reference']:.1f} / "
+                    f"{r['p99_ms_at_reference']:.1f} ms | {r['p99_ms_at_best']:.1f} ms |")
+    if "store" in have and "chatserver" in have:
+        mem, disk = (results["servers"][n]["ingest"] for n in ("chatserver", "store"))
+        rows.append(f"| store / in memory | "
+                    f"{ratio(disk['max_acked_lines_per_s'], mem['max_acked_lines_per_s'])} | "
+                    f"{ratio(disk['cpu_us_per_line_at_reference'], mem['cpu_us_per_line_at_reference'])}"
+                    " | | |")
+    return rows
+
+
+def report_again(path: Path, reference: int) -> None:
+    """Summarize a result file's runs again and print its table."""
+    results = json.loads(path.read_text())
+    options = argparse.Namespace(**results["options"])
+    options.ingest_reference = reference
+    for entry in results["servers"].values():
+        if "fanout" in entry:
+            entry["fanout"] = summarize(entry["fanout"]["runs"], options.clients)
+        if "ingest" in entry:
+            entry["ingest"] = summarize_ingest(entry["ingest"]["runs"], reference)
+    results["options"]["ingest_reference"] = reference
+    results["table"] = table(results, options)
+    path.write_text(json.dumps(results, indent=1))
+    print(results["table"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--servers", default="chatserver,tutorial,naive,node",
-                        help="any of chatserver, tutorial, naive, node, redis, redis-workers2")
-    parser.add_argument("--scenarios", default="fanout,idle,storm")
+                        help="any of chatserver, tutorial, naive, node, redis, "
+                        "redis-workers2, store")
+    parser.add_argument("--scenarios", default="fanout,idle,storm",
+                        help="any of fanout, idle, storm, ingest")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--step", type=float, default=2.0, help="seconds per ladder step")
@@ -303,23 +458,50 @@ def main() -> None:
                         help="clients do not offer permessage-deflate")
     parser.add_argument("--ladder", help="messages/s per step, comma-separated "
                         "(default 20,50,...,12800)")
+    parser.add_argument("--rooms", type=int, default=1000, help="rooms in the ingest")
+    parser.add_argument("--ingest-clients", type=int, default=2000,
+                        help="senders in the ingest, spread over --rooms")
+    parser.add_argument("--ingest-ladder", help="acknowledged lines/s per ingest step, "
+                        "comma-separated (default 1000,2000,3000,4000,5000,7500,10000,...,50000)")
+    parser.add_argument("--ingest-reference", type=int, default=2000,
+                        help="lines/s at which the ingest's CPU and latency are read")
+    parser.add_argument("--store-dir", help="where the store variant's databases go "
+                        "(default: /tmp, or bench/build/ if /tmp is a tmpfs)")
     parser.add_argument("--chatserver-flags", default="",
                         help='more flags for chatserver, e.g. "--batch-window 10"')
     parser.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: summarize the runs in JSON again (with this "
+                        "--ingest-reference) and print its table")
     options = parser.parse_args()
+    if options.report:
+        report_again(Path(options.report), options.ingest_reference)
+        return
     ladder = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
     idle_sizes = [1000, 10000]
     if options.quick:
         options.clients, options.step, options.repeat = 200, 1.0, 1
         ladder, options.storm, idle_sizes = [50, 400, 1600], 1000, [1000]
     options.ladder = [int(r) for r in options.ladder.split(",")] if options.ladder else ladder
+    ingest_ladder = [1000, 2000, 3000, 4000, 5000, 7500, 10000, 12500, 15000, 17500, 20000,
+                     22500, 25000, 30000, 40000, 50000]
+    if options.quick:
+        options.rooms, options.ingest_clients = 100, 200
+        ingest_ladder, options.ingest_reference = [500, 2000, 8000], 2000
+    options.ingest_ladder = ([int(r) for r in options.ingest_ladder.split(",")]
+                             if options.ingest_ladder else ingest_ladder)
+    if options.store_dir:
+        STORE_PARENT.append(options.store_dir)
     build()
-    for name in ("chatserver", "redis", "redis-workers2"):
+    for name in CHATSERVERS:
         SERVERS[name][0].extend(options.chatserver_flags.split())
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "node": shutil.which("node") and subprocess.run(
                                ["node", "--version"], capture_output=True, text=True).stdout.strip()},
                "options": {k: v for k, v in vars(options).items()},
+               "store_dir": store_parent() if "store" in options.servers.split(",") else None,
+               "store_dir_fs": (fs_type(store_parent())
+                                if "store" in options.servers.split(",") else None),
                "servers": {}}
     for name in options.servers.split(","):
         entry = results["servers"][name] = {}
@@ -339,6 +521,11 @@ def main() -> None:
         if "storm" in scenarios and name == "chatserver":
             entry["storm"] = storm(name, options.storm, options)
             print(f"{name}: storm {entry['storm']}", flush=True)
+        if "ingest" in scenarios and name in CHATSERVERS:
+            runs = [ingest(name, options) for _ in range(options.repeat)]
+            entry["ingest"] = summarize_ingest(runs, options.ingest_reference)
+            print(f"{name}: ingest {entry['ingest']['max_acked_lines_per_s']:,.0f} acked "
+                  "lines/s", flush=True)
     if _redis:
         _redis[1].terminate()
     report = table(results, options)
