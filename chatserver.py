@@ -337,15 +337,26 @@ class Room:
 
     def gather_presence(self, name: str, joining: bool, count: int) -> bool:
         """Keep a join or leave for the next presence notice if the room has
-        more than --crowd members (`count`); False if it should go out now.
+        more than --crowd members (`count`), or already keeps some: a change
+        must not overtake one kept before it.  False if it should go out now.
 
         Each notice goes to every member, so a storm of N joins would cost
         N*N frames; past --crowd members they go out as one `presence`
-        notice a second instead (see `take_presence`)."""
-        if count <= self.crowd:
+        notice a second instead (see `take_presence`).  A join and a leave of
+        one name cancel out: nobody saw the first, or nobody misses them."""
+        if count <= self.crowd and not self.unannounced:
             return False
-        self.unannounced[name] = joining
+        if self.unannounced.get(name, joining) != joining:
+            del self.unannounced[name]
+        else:
+            self.unannounced[name] = joining
         return True
+
+    def announce_rename(self, old: str, new: str) -> None:
+        """A nick notice, after the joins and leaves kept so far (it may name
+        one of them)."""
+        self.take_presence()
+        self.announce(renamed(self.name, old, new))
 
     def take_presence(self) -> None:
         """Announce the gathered joins and leaves, if any, as one notice,
@@ -671,7 +682,7 @@ class Chat:
         del room.members[fold(old)]
         member.name = new
         room.members[fold(new)] = member
-        room.announce(renamed(room.name, old, new))
+        room.announce_rename(old, new)
         return None
 
     def recall(self, member: Member, cid: str) -> Acked | None:

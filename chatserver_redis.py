@@ -81,6 +81,8 @@ class SharedRoom(Room):
             return
         if head == b"-" and self.gather(frame):
             return
+        if head == b"-" and b'"event":"nick"' in frame:
+            self.take_presence()  # the joins and leaves kept so far go first
         if head != b"-":
             seq = int(head)
             if seq <= self.seq:

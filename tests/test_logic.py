@@ -448,20 +448,36 @@ def test_the_welcome_key_names_the_holder_of_a_name_and_nothing_else():
     assert all("key" not in frame for frame in room_frames(alice.room))  # never to the room
 
 
-def test_presence_lists_who_came_back_within_the_second_as_here_once():
+def test_a_leave_and_a_join_of_one_name_within_the_second_cancel_out():
     chat, _ = make_chat(crowd=1)
     members = [chat.join("big", f"m{n}")[0] for n in range(3)]
     room = members[0].room
     room.take_presence()
     room_frames(room)
     chat.leave(members[0])  # m0's connection replaced: leaves...
-    chat.join("big", "m0")  # ...and is back
-    brief, _ = chat.join("big", "brief")  # came and went
+    chat.join("big", "m0")  # ...and is back: nobody misses it
+    brief, _ = chat.join("big", "brief")  # came and went: nobody saw it
     chat.leave(brief)
+    chat.join("big", "stays")
     room.take_presence()
     [notice] = room_frames(room)
-    assert notice["joined"] == ["m0"] and notice["left"] == ["brief"]
-    assert notice["count"] == 3
+    assert notice["joined"] == ["stays"] and notice["left"] == []
+    assert notice["count"] == 4
+
+
+def test_once_a_change_is_kept_the_next_ones_are_kept_too_even_below_the_crowd():
+    chat, _ = make_chat(crowd=2)
+    a, _ = chat.join("r", "a")
+    chat.join("r", "b")
+    room = a.room
+    room_frames(room)
+    c, _ = chat.join("r", "c")  # 3 > crowd: kept
+    chat.leave(c)  # back at the crowd: it must not overtake c's join
+    assert room_frames(room) == [] and room.unannounced == {}
+    d, _ = chat.join("r", "d")
+    chat.rename(d, "dora")  # the kept join of d goes out before the nick notice
+    assert [(f["event"], f.get("joined"), f.get("name")) for f in room_frames(room)] == \
+        [("presence", ["d"], None), ("nick", None, "dora")]
 
 
 # Acked lines (acks=1) -------------------------------------------------------

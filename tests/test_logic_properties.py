@@ -82,3 +82,50 @@ def test_chat_logic_keeps_its_invariants(steps):
                 sender_of_line[(member.room.name, seq)] = name_before
         for room_name in ROOMS:
             check_room(room_name)
+
+
+def apply_notice(online: set[str], frame: dict) -> None:
+    """What a client does with a notice: the room's members as it sees them."""
+    event = frame.get("event")
+    if event == "join":
+        online.add(frame["name"])
+    elif event == "leave":
+        online.discard(frame["name"])
+    elif event == "nick":
+        online.discard(frame["old"])
+        online.add(frame["name"])
+    elif event == "presence":
+        online.difference_update(frame["left"])
+        online.update(frame["joined"])
+
+
+presence_steps = st.lists(st.tuples(st.sampled_from(["join", "leave", "rename", "tick"]),
+                                    st.integers(0, 5), st.integers(0, 5)),
+                          min_size=1, max_size=15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 4), presence_steps)
+def test_a_client_that_applies_every_notice_holds_exactly_the_rooms_members(crowd, steps):
+    """Around --crowd, whatever the joins, leaves and renames: gathered or
+    announced, no notice overtakes another and none names a ghost."""
+    chat = Chat(Config(crowd=crowd), clock=Clock())
+    watcher, out = chat.join("r", "watcher")
+    room = watcher.room
+    online = set(json.loads(out[0][1])["online"])
+    others = {}
+    for action, n, m in steps:
+        if action == "join" and n not in others:
+            others[n], _ = chat.join("r", f"p{n}")
+        elif action == "leave" and n in others:
+            chat.leave(others.pop(n))
+        elif action == "rename" and n in others:
+            receive(chat, others[n], f"/nick q{m}-{n}")
+        elif action == "tick":
+            room.take_presence()
+        for data in room.take_pending():
+            apply_notice(online, json.loads(data))
+    room.take_presence()
+    for data in room.take_pending():
+        apply_notice(online, json.loads(data))
+    assert online == set(room.online())

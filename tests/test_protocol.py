@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -475,3 +476,36 @@ async def test_an_answer_never_overtakes_the_senders_earlier_lines(chat, command
     await alice.send(command)
     frames = await alice.recv_until(lambda f: f.get("event") == event)
     assert [f["message"] for f in frames if f["type"] == "user"] == ["first"]
+
+
+async def test_around_the_crowd_a_client_applying_every_notice_sees_the_room_as_it_is(
+        start_chat):
+    from test_logic_properties import apply_notice
+    chat = await start_chat(crowd=2)
+    room = chat.room("crowd")
+    watcher = await chat.join(room, name="watcher")
+    online = set(watcher.welcome["online"])
+    for frame in watcher.backlog:
+        apply_notice(online, frame)
+    rng = random.Random(12)
+    others: dict[int, object] = {}  # bare connections: in a crowd, no join notice comes
+    for step in range(30):
+        n = rng.randrange(5)
+        if n not in others:
+            others[n] = await chat.connect(f"/{room}?name=p{n}")
+            assert json.loads(await others[n].recv())["event"] == "welcome"
+        elif rng.random() < 0.5:
+            await others.pop(n).close()
+        else:
+            await others[n].send(f"/nick q{step}")
+            async with asyncio.timeout(5):
+                while '"event":"nick"' not in await others[n].recv():
+                    pass
+    await watcher.send("/who")
+    frames = await watcher.recv_until(lambda f: f.get("event") == "who")
+    await asyncio.sleep(1.5)  # the last presence notice
+    await watcher.send("/who")
+    frames += await watcher.recv_until(lambda f: f.get("event") == "who")
+    for frame in frames:
+        apply_notice(online, frame)
+    assert online == set(frames[-1]["online"])
