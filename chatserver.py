@@ -85,6 +85,7 @@ FLOOD_ERROR_INTERVAL_S = 1.0  # at most one "slow down" error a second
 FLOOD_QUIET_S = 1.0  # a flood ends after this long without a refused line
 SWEEP_INTERVAL_S = 60.0  # how often idle rooms are looked for
 INBOX_LINES = 64  # lines waiting for a back-end before we stop reading more
+REQUEST_HEAD_BYTES = 64 * 1024  # held back while looking for a request's end
 STORE_ROOMS = 100_000  # rooms a --store keeps on disk: the most recently active
 CROWD_MEMBERS = 100
 BATCH_WINDOW_MS = 15.0  # a busy room sends at most every 15 ms; see --batch-window
@@ -446,7 +447,7 @@ def unwrap(text: str) -> tuple[str | None, str | None, str | None]:
     cid if one can be read, so that the refusal can name it."""
     try:
         frame = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[..." nested past Python's stack
         return None, None, ACKED_FRAME
     if not isinstance(frame, dict):
         return None, None, ACKED_FRAME
@@ -1099,6 +1100,8 @@ class Client(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # handshake or close deadline
         self.ping_sent_at: float | None = None  # None: no ping unanswered
         self.heard_at = time.monotonic()  # when it last sent a frame
+        self.answered = False  # its request has had its answer
+        self.early = b""  # what came before that answer
         self.entered = False  # past the handshake, in the chat
         self.acks = False
         self.paused: set[str] = set()  # why we read nothing from it now
@@ -1141,6 +1144,24 @@ class Client(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.answered:
+            self.feed(data)
+            return
+        # Until the request is answered, what follows it waits: a frame sent
+        # along with it would otherwise be taken first (its pong, or its
+        # failure, would go out before the 101).
+        self.early += data
+        end = self.early.find(b"\r\n\r\n")
+        if end < 0 and len(self.early) <= REQUEST_HEAD_BYTES:
+            return
+        cut = len(self.early) if end < 0 else end + 4  # too long: the parser says so
+        head, self.early = self.early[:cut], self.early[cut:]
+        self.feed(head)
+        if self.answered and self.early:
+            rest, self.early = self.early, b""
+            self.feed(rest)
+
+    def feed(self, data: bytes) -> None:
         self.protocol.receive_data(data)
         for event in self.protocol.events_received():
             if isinstance(event, Request):
@@ -1166,6 +1187,7 @@ class Client(asyncio.Protocol):
         if response is None:
             response = self.protocol.accept(request)
         self.protocol.send_response(response)
+        self.answered = True
         self.send_protocol_data()  # the response goes out before any frame
         if self.protocol.state is State.OPEN:
             self.timer.cancel()
