@@ -278,8 +278,10 @@ class Member:
     close_with: tuple[int, str] | None = None  # set when the member must go
     # The secret in this member's welcome: whoever shows it may take the
     # name back on a new connection (a page reconnecting after a drop the
-    # server has not noticed yet), and its session goes on.
+    # server has not noticed yet), and its session goes on.  A new one with
+    # every welcome: the key it connected with is spent once it speaks.
     key: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))
+    previous_key: str | None = None  # the key it connected with, until spent
     # The session this connection belongs to: the one whose acked lines it
     # shares (never sent to a client).
     session: str = ""
@@ -534,6 +536,7 @@ class Session:
         default_factory=collections.OrderedDict)  # cid -> (seq, when)
     connections: int = 0
     left_at: float = 0.0
+    keys: set[str] = dataclasses.field(default_factory=set)  # the keys that name it
 
     def recall(self, cid: str) -> Acked | None:
         line = self.lines.get(cid)
@@ -556,7 +559,8 @@ class Chat:
         self.config = config
         self.clock = clock
         self.rooms: dict[str, Room] = {}
-        self.sessions: dict[str, Session] = {}  # by key (in memory, one key a session)
+        self.sessions: dict[str, Session] = {}  # by session id
+        self.keys: dict[str, str] = {}  # a welcome's key -> its session id
 
     # Rooms
 
@@ -601,9 +605,27 @@ class Chat:
         keeps its cid."""
         now = self.clock()
         keep = max(CID_MEMORY_S, self.config.room_ttl)
-        for key, session in list(self.sessions.items()):
+        for sid, session in list(self.sessions.items()):
             if not session.connections and now - session.left_at >= keep:
-                del self.sessions[key]
+                for key in session.keys:
+                    del self.keys[key]
+                del self.sessions[sid]
+
+    def name_session(self, key: str, sid: str) -> Session:
+        """Let `key` name the session `sid` (made if new)."""
+        session = self.sessions.setdefault(sid, Session())
+        session.keys.add(key)
+        self.keys[key] = sid
+        return session
+
+    def spend(self, member: Member) -> None:
+        """The member has spoken on its connection, so it has its welcome's
+        key: the key it connected with names nothing any more (a key seen in
+        a proxy's log is already spent)."""
+        key, member.previous_key = member.previous_key, None
+        sid = self.keys.pop(key, None) if key else None
+        if sid is not None:
+            self.sessions[sid].keys.discard(key)
 
     # What clients do, in this process's memory
 
@@ -613,17 +635,18 @@ class Chat:
         """Add a newcomer: its welcome, what it missed, and a join notice.
 
         `key`: a key from an earlier welcome: the newcomer goes on with that
-        session, and keeps the key (so a reconnect whose welcome was lost can
-        still use it)."""
+        session.  Its welcome has a new key; the one it came with works until
+        it speaks (so a reconnect whose welcome was lost can still use it)."""
         room = self.open_room(room_name)
         wanted, notes = self.newcomer_name(room_name, wanted)
         name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
                         refilled_at=self.clock())
-        if key and key in self.sessions:
-            member.key = key
-        member.session = member.key
-        self.sessions.setdefault(member.key, Session()).connections += 1
+        sid = self.keys.get(key) if key else None
+        if sid is not None:
+            member.previous_key = key
+        member.session = sid or secrets.token_urlsafe(16)
+        self.name_session(member.key, member.session).connections += 1
         room.members[fold(name)] = member
 
         if epoch != room.epoch:
@@ -633,13 +656,16 @@ class Chat:
         return member, newcomer_frames(member, room.online(), notes, missed, history)
 
     def holder(self, room_name: str, name: str | None, key: str | None) -> Member | None:
-        """The member who holds `name` in the room, if `key` is its key: a
-        client back on a new connection, whose old one is not yet found dead."""
+        """The member who holds `name` in the room, if `key` names its
+        session: a client back on a new connection, whose old one is not yet
+        found dead."""
         room = self.rooms.get(room_name)
         if room is None or name is None or not key:
             return None
         member = room.members.get(fold(unicodedata.normalize("NFC", name)))
-        return member if member is not None and member.has_key(key) else None
+        if member is None or self.keys.get(key) != member.session:
+            return None
+        return member
 
     def newcomer_name(self, room_name: str, wanted: str | None) -> tuple[str | None, list[dict]]:
         """The name a newcomer asked for, if it is valid, and notes for it."""
@@ -914,6 +940,10 @@ class Rooms:
 
     async def sweep(self) -> None:
         """Housekeeping, every minute or so."""
+
+    def spend(self, member: Member) -> None:
+        """`member` has spoken: the key it connected with is spent."""
+        self.chat.spend(member)
 
     async def before_answer(self, member: Member) -> None:
         """Wait, if need be, until `member`'s earlier lines are queued in its
@@ -1199,6 +1229,8 @@ class Client(asyncio.Protocol):
     def on_frame(self, frame: Frame) -> None:
         self.ping_sent_at = None  # any frame shows the peer is alive
         self.heard_at = time.monotonic()
+        if self.member is not None and self.member.previous_key is not None:
+            self.server.rooms.spend(self.member)
         opcode = frame.opcode
         # Every frame counts towards the client's rate: a whole text message
         # once (as a line), any other frame (ping, pong, binary, each

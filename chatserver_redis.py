@@ -563,7 +563,7 @@ class RedisRooms(Rooms):
                     self.evict(room, fold(name), ticket.key)
                 member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
                                 refilled_at=self.chat.clock(), key=key,
-                                session=session.decode())
+                                previous_key=ticket.key, session=session.decode())
                 room.members[fold(name)] = member
             finally:
                 self.forget_if_empty(room)
@@ -586,6 +586,11 @@ class RedisRooms(Rooms):
         last_here = not room.members and not room.joining
         self.spawn(self.leave_redis(room, member, last_here))
         self.forget_if_empty(room)
+
+    def spend(self, member: Member) -> None:
+        key, member.previous_key = member.previous_key, None
+        if key is not None:
+            self.spawn(self.call(self.client.delete, f"chat:key:{key}"))
 
     async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
         room = member.room

@@ -30,7 +30,7 @@ import threading
 import time
 
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, Chat, Config, Fanout, Member,
-                        MemoryRooms, Outgoing, Session, Ticket, Unavailable, chat,
+                        MemoryRooms, Outgoing, Ticket, Unavailable, chat,
                         encode)
 
 log = logging.getLogger("chatserver")
@@ -65,6 +65,10 @@ CREATE TABLE lines (           -- each session's acked lines
   PRIMARY KEY (session, cid)
 ) WITHOUT ROWID;
 CREATE INDEX lines_by_age ON lines (at);
+CREATE TABLE keys (            -- the welcome keys that name a session now
+  key TEXT PRIMARY KEY,
+  session TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -313,15 +317,35 @@ class Remember:
 
 
 @dataclasses.dataclass
-class SessionLines:
-    """A session's acked lines, oldest first: [(cid, seq, at)]."""
+class SessionOfKey:
+    """The session a key names and its acked lines, oldest first:
+    (session, [(cid, seq, at)]), or None."""
 
-    session: str
+    key: str
     writes = False
 
-    def __call__(self, store: Store) -> list[tuple[str, int | None, float]]:
-        return store.db.execute("SELECT cid, seq, at FROM lines WHERE session = ? ORDER BY at",
-                                (self.session,)).fetchall()
+    def __call__(self, store: Store) -> tuple[str, list[tuple[str, int | None, float]]] | None:
+        row = store.db.execute("SELECT session FROM keys WHERE key = ?", (self.key,)).fetchone()
+        if row is None:
+            return None
+        return row[0], store.db.execute("SELECT cid, seq, at FROM lines WHERE session = ? "
+                                        "ORDER BY at", row).fetchall()
+
+
+@dataclasses.dataclass
+class NameSession:
+    """`key` names `session` (None: it names nothing any more)."""
+
+    key: str
+    session: str | None
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        if self.session is None:
+            store.db.execute("DELETE FROM keys WHERE key = ?", (self.key,))
+        else:
+            store.db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?)",
+                             (self.key, self.session))
 
 
 @dataclasses.dataclass
@@ -345,6 +369,9 @@ class Prune:
         db.execute("DELETE FROM lines WHERE at < ? AND (SELECT count(*) FROM lines AS newer "
                    "WHERE newer.session = lines.session AND newer.at > lines.at) >= ?",
                    (time.time() - self.keep_s, CID_MEMORY_LINES))
+        db.execute("DELETE FROM lines WHERE at < ?", (time.time() - 2 * self.keep_s,))
+        db.execute("DELETE FROM keys WHERE NOT EXISTS "
+                   "(SELECT 1 FROM lines WHERE lines.session = keys.session)")
         return len(old)
 
 
@@ -384,9 +411,22 @@ class StoreRooms(MemoryRooms):
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         if ticket.room not in self.chat.rooms:
             await self.load(ticket.room)
-        if ticket.key and ticket.key not in self.chat.sessions:
+        if ticket.key and ticket.key not in self.chat.keys:
             await self.load_session(ticket.key)
-        return await super().join(ticket)
+        member, out = await super().join(ticket)
+        self.spawn(NameSession(member.key, member.session))
+        return member, out
+
+    def spend(self, member: Member) -> None:
+        key = member.previous_key
+        super().spend(member)
+        if key is not None:
+            self.spawn(NameSession(key, None))
+
+    def spawn(self, job) -> None:
+        """A write whose result nobody waits for (a failure is logged once by
+        the store, and the key stays usable or unknown: no line is lost)."""
+        self.store.call(job).add_done_callback(lambda done: done.exception())
 
     async def load(self, room_name: str) -> None:
         """Read the room from the store, once however many join at once."""
@@ -403,11 +443,13 @@ class StoreRooms(MemoryRooms):
         room.history.extend(stored.frames)
 
     async def load_session(self, key: str) -> None:
-        lines = await self.store.call(SessionLines(key))
-        if lines and key not in self.chat.sessions:
-            session = self.chat.sessions[key] = Session()
-            for cid, seq, at in lines:
-                session.lines[cid] = (seq, self.chat.clock() - (time.time() - at))
+        found = await self.store.call(SessionOfKey(key))
+        if found is None or key in self.chat.keys:
+            return
+        sid, lines = found
+        session = self.chat.name_session(key, sid)
+        for cid, seq, at in lines:
+            session.lines.setdefault(cid, (seq, self.chat.clock() - (time.time() - at)))
 
     async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
         if cid is not None:

@@ -502,12 +502,12 @@ def test_a_session_is_forgotten_only_once_it_has_been_without_a_connection_long_
     clock.now += 3599
     chat.forget_idle_sessions()
     back, _ = chat.join("lobby", "alice", key=key)
-    assert back.key == key and chat.recall(back, "c1") == Acked(1)
+    assert back.session == alice.session and chat.recall(back, "c1") == Acked(1)
     chat.leave(back)
     clock.now += 3600
     chat.forget_idle_sessions()
-    again, _ = chat.join("lobby", "alice", key=key)
-    assert again.key != key and chat.recall(again, "c1") is None
+    again, _ = chat.join("lobby", "alice", key=back.key)
+    assert again.session != back.session and chat.recall(again, "c1") is None
 
 
 def test_an_acked_line_gets_one_ack_and_is_posted_once():
