@@ -59,6 +59,7 @@ T = TypeVar("T")
 
 DEFAULT_PORT = 8765  # not 8000: `python -m http.server` takes that one.
 HISTORY_MESSAGES = 100
+HISTORY_BYTES = 64 * 1024  # per room: 100 lines of 600 bytes, or 8 of the longest
 ROOM_TTL_S = 3600.0
 MAX_CHARS = 2000
 MAX_SIZE_BYTES = 64 * 1024
@@ -68,7 +69,9 @@ FLOOD_CLOSE_S = 10.0
 MAX_ROOMS = 10_000
 MAX_CLIENTS = 10_000
 MAX_PER_IP = 100
-MAX_BUFFER_BYTES = 1024 * 1024
+ROOMS_PER_IP = 100  # rooms in memory one address has opened
+NEW_ROOMS_PER_MIN = 30  # and how fast it may open more (a burst of as many)
+MAX_BUFFER_BYTES = 256 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0
 PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
@@ -107,6 +110,7 @@ class Config:
     host: str | None = None  # None: all interfaces, like http.server
     port: int = DEFAULT_PORT
     history: int = HISTORY_MESSAGES
+    history_bytes: int = HISTORY_BYTES
     room_ttl: float = ROOM_TTL_S
     max_chars: int = MAX_CHARS
     max_size: int = MAX_SIZE_BYTES
@@ -118,6 +122,8 @@ class Config:
     max_rooms: int = MAX_ROOMS
     max_clients: int = MAX_CLIENTS
     max_per_ip: int = MAX_PER_IP
+    rooms_per_ip: int = ROOMS_PER_IP
+    new_rooms_per_min: float = NEW_ROOMS_PER_MIN
     trust_proxy: bool = False
     allow_origin: tuple[str, ...] = ()
     max_buffer: int = MAX_BUFFER_BYTES
@@ -300,7 +306,9 @@ class Room:
 
     name: str
     history_limit: int
+    history_bytes: int = HISTORY_BYTES
     crowd: int = CROWD_MEMBERS
+    opened_by: str = ""  # the address that opened it
     epoch: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
     seq: int = 0  # last seq given out
     delivered_seq: int = 0  # last seq handed to the fan-out
@@ -315,8 +323,8 @@ class Room:
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.history = collections.deque(maxlen=self.history_limit)
-
+        self.history = collections.deque()
+        self.history_size = 0  # bytes in history
     def online(self) -> list[str]:
         return [member.name for member in self.members.values()]
 
@@ -387,9 +395,18 @@ class Room:
     def keep(self, seq: int, data: bytes) -> None:
         """Keep the chat message `seq` in history and queue it for everyone."""
         self.seq = seq
-        self.history.append((seq, data))
+        self.remember(seq, data)
         self.pending.append(data)
         self.pending_seq.append(seq)
+
+    def remember(self, seq: int, data: bytes) -> None:
+        """Add `seq` to the history: the last --history messages, and no more
+        than --history-bytes of them (the newest is always kept)."""
+        self.history.append((seq, data))
+        self.history_size += len(data)
+        while len(self.history) > 1 and (len(self.history) > self.history_limit
+                                         or self.history_size > self.history_bytes):
+            self.history_size -= len(self.history.popleft()[1])
 
     def take_pending(self) -> list[bytes]:
         """Hand the queued frames to the fan-out."""
@@ -559,26 +576,57 @@ class Chat:
         self.config = config
         self.clock = clock
         self.rooms: dict[str, Room] = {}
+        self.opened: collections.Counter[str] = collections.Counter()  # rooms by opener
+        self.openings: dict[str, tuple[float, float]] = {}  # address: (tokens, when)
         self.sessions: dict[str, Session] = {}  # by session id
         self.keys: dict[str, str] = {}  # a welcome's key -> its session id
 
     # Rooms
 
-    def check_room(self, room_name: str) -> None:
-        """Raise Refused if a client may not enter `room_name` now."""
+    def check_room(self, room_name: str, address: str = "") -> None:
+        """Raise Refused if a client from `address` may not enter
+        `room_name` now: a new room counts against the server's --max-rooms,
+        and against the --rooms-per-ip and --new-rooms-per-min of the
+        address that opens it."""
         if room_name in self.rooms:
             return
-        if len(self.rooms) >= self.config.max_rooms and not self.forget_idle_rooms(force_one=True):
+        config = self.config
+        if self.opened[address] >= config.rooms_per_ip:
+            raise Refused(503, "too many rooms opened from your address; try again later")
+        if not self.opening_allowed(address):
+            raise Refused(503, "rooms opened too fast from your address; try again later")
+        if len(self.rooms) >= config.max_rooms and not self.forget_idle_rooms(force_one=True):
             raise Refused(503, "too many rooms on this server; try again later")
 
-    def open_room(self, room_name: str) -> Room:
+    def opening_allowed(self, address: str) -> bool:
+        """A token bucket per address: --new-rooms-per-min, as many at once."""
+        now = self.clock()
+        burst = self.config.new_rooms_per_min
+        tokens, at = self.openings.get(address, (burst, now))
+        tokens = min(burst, tokens + (now - at) * burst / 60)
+        self.openings[address] = (tokens, now)
+        return tokens >= 1
+
+    def open_room(self, room_name: str, address: str = "", kind: type[Room] | None = None) -> Room:
+        """The room `room_name`, opened (as a `kind`, a Room by default) by
+        `address` if it is new."""
         self.forget_if_expired(room_name)
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.config.history,
-                                                self.config.crowd)
+            room = self.rooms[room_name] = (kind or Room)(
+                room_name, self.config.history, self.config.history_bytes, self.config.crowd,
+                opened_by=address)
+            self.opened[address] += 1
+            tokens, at = self.openings.get(address, (self.config.new_rooms_per_min, 0.0))
+            self.openings[address] = (tokens - 1, at)
         room.empty_since = None
         return room
+
+    def forget_room(self, room_name: str) -> None:
+        room = self.rooms.pop(room_name)
+        self.opened[room.opened_by] -= 1
+        if not self.opened[room.opened_by]:
+            del self.opened[room.opened_by]
 
     def forget_idle_rooms(self, force_one: bool = False) -> int:
         """Forget rooms empty for longer than --room-ttl; with `force_one`,
@@ -590,14 +638,18 @@ class Chat:
         if force_one and not expired and idle:
             expired = [idle[0][1]]
         for name in expired:
-            del self.rooms[name]
+            self.forget_room(name)
+        full = self.config.new_rooms_per_min  # buckets that are full again: as if new
+        for address, (tokens, at) in list(self.openings.items()):
+            if tokens + (now - at) * full / 60 >= full:
+                del self.openings[address]
         return len(expired)
 
     def forget_if_expired(self, room_name: str) -> None:
         room = self.rooms.get(room_name)
         if room and room.empty_since is not None and \
                 self.clock() - room.empty_since >= self.config.room_ttl:
-            del self.rooms[room_name]
+            self.forget_room(room_name)
 
     def forget_idle_sessions(self) -> None:
         """Forget sessions with no connection for --room-ttl (at least
@@ -637,7 +689,7 @@ class Chat:
         `key`: a key from an earlier welcome: the newcomer goes on with that
         session.  Its welcome has a new key; the one it came with works until
         it speaks (so a reconnect whose welcome was lost can still use it)."""
-        room = self.open_room(room_name)
+        room = self.open_room(room_name, address)
         wanted, notes = self.newcomer_name(room_name, wanted)
         name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
@@ -930,9 +982,10 @@ class Rooms:
     async def close(self) -> None:
         """Say goodbye for our members, and disconnect."""
 
-    def check_room(self, room_name: str) -> None:
-        """Raise Refused if a newcomer cannot enter `room_name` now."""
-        self.chat.check_room(room_name)
+    def check_room(self, room_name: str, address: str) -> None:
+        """Raise Refused if a newcomer from `address` cannot enter
+        `room_name` now."""
+        self.chat.check_room(room_name, address)
 
     def health(self) -> str | None:
         """Why the chat cannot work now (for /healthz), or None."""
@@ -1041,7 +1094,7 @@ class MemoryRooms(Rooms):
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         chat = self.chat
-        room = chat.open_room(ticket.room)
+        room = chat.open_room(ticket.room, ticket.address)
         holder = chat.holder(ticket.room, ticket.name, ticket.key)
         if holder is not None:
             chat.leave(holder, replaced=True)
@@ -1139,6 +1192,7 @@ class Client(asyncio.Protocol):
         # With a back-end that waits: lines waiting for it, and the task that
         # takes them in order (see ChatServer.serve).
         self.inbox: collections.deque[str] | None = None
+        self.inbox_chars = 0
         self.inbox_ready: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
 
@@ -1404,10 +1458,12 @@ class ChatServer:
                 # pipelines carries them out in the order they start), and
                 # answer them in order: a paste of 20 lines waits for one
                 # commit, not 20.
-                lines, client.inbox = client.inbox, collections.deque()
+                lines, client.inbox, client.inbox_chars = client.inbox, collections.deque(), 0
                 answers = [asyncio.ensure_future(self.take_line(client, line)) for line in lines]
             else:
-                answers = [self.take_line(client, client.inbox.popleft())]
+                line = client.inbox.popleft()
+                client.inbox_chars -= len(line)
+                answers = [self.take_line(client, line)]
             for answer in answers:
                 self.after_line(client, await answer)
 
@@ -1436,8 +1492,9 @@ class ChatServer:
         self.metrics.messages_received += 1
         if client.inbox is not None:
             client.inbox.append(line)
+            client.inbox_chars += len(line)
             client.inbox_ready.set()
-            if len(client.inbox) >= INBOX_LINES:
+            if len(client.inbox) >= INBOX_LINES or client.inbox_chars >= self.config.max_size:
                 # Push back rather than drop lines: read no more from this
                 # client until its task has taken what it sent.
                 client.pause("lines")
@@ -1540,7 +1597,7 @@ class ChatServer:
         key = params.get("key")
         if self.per_ip[address] > config.max_per_ip - (client.counted_as is None):
             raise Refused(503, "too many connections from your address")
-        self.rooms.check_room(room)
+        self.rooms.check_room(room, address)
         return Ticket(room, params.get("name"), since, params.get("epoch"), address,
                       key if key and KEY.match(key) else None, acks=params.get("acks") == "1")
 
@@ -1715,6 +1772,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--port", type=int, default=DEFAULT_PORT, help="port to listen on (0: any free one)")
     add("--history", type=int, default=HISTORY_MESSAGES,
         help="chat messages each room keeps for newcomers and resumes")
+    add("--history-bytes", type=int, default=HISTORY_BYTES,
+        help="bytes of chat frames each room keeps at most: --history lines of the "
+             "longest text would take 100 times more")
     add("--room-ttl", type=float, default=ROOM_TTL_S,
         help="seconds an empty room keeps its history before it is forgotten")
     add("--max-chars", type=int, default=MAX_CHARS,
@@ -1736,6 +1796,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--max-rooms", type=int, default=MAX_ROOMS, help="rooms in memory at once")
     add("--max-clients", type=int, default=MAX_CLIENTS, help="connected clients at once")
     add("--max-per-ip", type=int, default=MAX_PER_IP, help="connected clients per address")
+    add("--rooms-per-ip", type=int, default=ROOMS_PER_IP,
+        help="rooms in memory that one address may have opened")
+    add("--new-rooms-per-min", type=float, default=NEW_ROOMS_PER_MIN,
+        help="rooms one address may open a minute, and at once")
     add("--trust-proxy", action="store_true",
         help="take the client address from X-Forwarded-For (behind a reverse proxy)")
     add("--allow-origin", action="append", default=[], metavar="ORIGIN",
@@ -1775,10 +1839,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
     for flag in ("history", "crowd", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
-                 "max_per_ip", "max_buffer", "store_rooms"):
+                 "max_per_ip", "max_buffer", "store_rooms", "history_bytes", "rooms_per_ip"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("rate", "flood_close", "handshake_timeout", "ping_interval", "ping_timeout"):
+    for flag in ("rate", "flood_close", "handshake_timeout", "ping_interval", "ping_timeout",
+                 "new_rooms_per_min"):
         if not getattr(args, flag) > 0:  # "not >": NaN is refused too
             parser.error(f"--{flag.replace('_', '-')} must be more than 0")
     for flag in ("room_ttl", "shutdown_timeout"):

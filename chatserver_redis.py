@@ -217,6 +217,19 @@ local function remember_line(cids_key, order_key, cid, seq, lines, keep_ms)
   end
 end
 
+local function keep_history(history_key, lines, bytes)
+  -- The last `lines` frames, and no more than `bytes` of them (the newest
+  -- is always kept), as chatserver.Room.remember keeps them.
+  redis.call('LTRIM', history_key, -lines, -1)
+  local frames = redis.call('LRANGE', history_key, 0, -1)
+  local size, first = 0, #frames
+  while first > 0 and (first == #frames or size + #frames[first] <= bytes) do
+    size = size + #frames[first]
+    first = first - 1
+  end
+  if first > 0 then redis.call('LTRIM', history_key, first, -1) end
+end
+
 local function keep_session(ttl, ...)
   for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl) end
 end
@@ -267,7 +280,7 @@ end
 # KEYS: seq, epoch, history, the session's cids, its order, the member's
 # key's session.  ARGV: channel,
 # frame prefix, history limit, epoch, last seq known, cid ("" if none), cids
-# kept, ms they are kept, ms the session is kept.  Returns {seq, epoch}: the
+# kept, ms they are kept, ms the session is kept, history bytes.  Returns {seq, epoch}: the
 # seq the cid got before, if it was acked before (then nothing is posted).
 LUA_POST = LUA_COMMON + """
 if ARGV[6] ~= '' then
@@ -278,7 +291,7 @@ local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]),
 local seq = redis.call('INCR', KEYS[1])
 local frame = ARGV[2] .. seq .. '}'
 redis.call('RPUSH', KEYS[3], frame)
-redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+keep_history(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[10]))
 redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
 if ARGV[6] ~= '' then
   remember_line(KEYS[4], KEYS[5], ARGV[6], seq, tonumber(ARGV[7]), tonumber(ARGV[8]))
@@ -462,6 +475,7 @@ class RedisRooms(Rooms):
         super().__init__(chat, fanout)
         self.url = config.broker
         self.history_limit = config.history
+        self.history_bytes = config.history_bytes
         self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
         self.session_ttl_ms = int(max(CID_MEMORY_S, config.room_ttl) * 1000)
         self.proc = secrets.token_hex(8)
@@ -530,11 +544,11 @@ class RedisRooms(Rooms):
     def health(self) -> str | None:
         return None if self.up.is_set() else "the message broker is down"
 
-    def check_room(self, room_name: str) -> None:
+    def check_room(self, room_name: str, address: str) -> None:
         if not self.up.is_set():
             raise Refused(503, "chat is unavailable: the message broker is down; "
                                "try again soon")
-        super().check_room(room_name)
+        super().check_room(room_name, address)
 
     # What clients do
 
@@ -550,7 +564,7 @@ class RedisRooms(Rooms):
         if not self.up.is_set():
             raise Unavailable(BROKER_DOWN)
         wanted, notes = self.chat.newcomer_name(ticket.room, ticket.name)
-        room = self.shared_room(ticket.room)
+        room = self.chat.open_room(ticket.room, ticket.address, SharedRoom)
         with self.fanout.joining(room):
             try:
                 await self.enter(room)
@@ -570,13 +584,6 @@ class RedisRooms(Rooms):
         since = ticket.since if ticket.epoch == room.epoch else None
         missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
         return member, newcomer_frames(member, online_names(values), notes, missed, history)
-
-    def shared_room(self, room_name: str) -> SharedRoom:
-        room = self.chat.rooms.get(room_name)
-        if room is None:
-            room = self.chat.rooms[room_name] = SharedRoom(room_name, self.chat.config.history,
-                                                           self.chat.config.crowd)
-        return room
 
     def leave(self, member: Member) -> None:
         room = member.room
@@ -600,7 +607,7 @@ class RedisRooms(Rooms):
             self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
             [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
              room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
-             self.session_ttl_ms])
+             self.session_ttl_ms, self.history_bytes])
         if epoch.decode() != room.epoch:
             log.warning("room %s: epoch changed in Redis; syncing", room.name)
             self.spawn(self.sync(room))
@@ -721,7 +728,7 @@ class RedisRooms(Rooms):
         if room.members or room.joining or not room.synced.is_set():
             return  # wait for the subscription's confirmation before undoing it
         if self.chat.rooms.get(room.name) is room:
-            del self.chat.rooms[room.name]
+            self.chat.forget_room(room.name)
         channel = self.channel(room.name).encode()
         if self.channels.get(channel) is room:
             del self.channels[channel]

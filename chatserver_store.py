@@ -410,7 +410,7 @@ class StoreRooms(MemoryRooms):
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         if ticket.room not in self.chat.rooms:
-            await self.load(ticket.room)
+            await self.load(ticket.room, ticket.address)
         if ticket.key and ticket.key not in self.chat.keys:
             await self.load_session(ticket.key)
         member, out = await super().join(ticket)
@@ -428,7 +428,7 @@ class StoreRooms(MemoryRooms):
         the store, and the key stays usable or unknown: no line is lost)."""
         self.store.call(job).add_done_callback(lambda done: done.exception())
 
-    async def load(self, room_name: str) -> None:
+    async def load(self, room_name: str, address: str) -> None:
         """Read the room from the store, once however many join at once."""
         loading = self.loading.get(room_name)
         if loading is None:
@@ -437,10 +437,11 @@ class StoreRooms(MemoryRooms):
         stored = await asyncio.shield(loading)
         if stored is None or room_name in self.chat.rooms:
             return
-        room = self.chat.open_room(room_name)
+        room = self.chat.open_room(room_name, address)
         room.epoch = stored.epoch
         room.seq = room.delivered_seq = stored.seq
-        room.history.extend(stored.frames)
+        for seq, frame in stored.frames:
+            room.remember(seq, frame)
 
     async def load_session(self, key: str) -> None:
         found = await self.store.call(SessionOfKey(key))

@@ -53,7 +53,8 @@ PY = sys.executable
 SERVERS = {
     "chatserver": ([PY, str(ROOT / "chatserver.py"), "--host", "127.0.0.1", "--port", "{port}",
                     "--rate", "1000000", "--burst", "1000000", "--max-clients", "50000",
-                    "--max-per-ip", "50000", "--log-level", "WARNING"], "/bench"),
+                    "--max-per-ip", "50000", "--rooms-per-ip", "100000",
+                    "--new-rooms-per-min", "1000000", "--log-level", "WARNING"], "/bench"),
     "tutorial": ([PY, str(BENCH / "baselines" / "tutorial_tornado.py"), "{port}"], "/soc"),
     "naive": ([PY, str(BENCH / "baselines" / "naive_websockets.py"), "{port}"], "/"),
     "node": (["node", str(BENCH / "baselines" / "node_ws_server.js"), "{port}"], "/"),

@@ -125,6 +125,8 @@ async def start_in_process(**options) -> chatserver.ChatServer:
     options.setdefault("rate", 1000.0)
     options.setdefault("burst", 1000)
     options.setdefault("shutdown_timeout", 2.0)
+    options.setdefault("rooms_per_ip", 100_000)  # every test's rooms come from 127.0.0.1
+    options.setdefault("new_rooms_per_min", 1e6)
     config = chatserver.Config(host="127.0.0.1", port=0, **options)
     chat_server, ws_server = await chatserver.listen(config)
     chat_server.ws_server = ws_server
@@ -308,7 +310,8 @@ def shared_redis():
 # Every back-end behind one fixture -----------------------------------------
 
 BACKENDS = ("memory", "redis", "store")
-FAST = {"rate": 1000, "burst": 1000, "shutdown_timeout": 2}  # unless a test sets them
+FAST = {"rate": 1000, "burst": 1000, "shutdown_timeout": 2,  # unless a test sets them
+        "rooms_per_ip": 100_000, "new_rooms_per_min": 1e6}  # all from 127.0.0.1
 
 
 def backend_processes(request, backend: str) -> tuple[int, list[str]]:

@@ -372,3 +372,63 @@ async def test_a_tls_handshake_that_never_starts_is_dropped_after_the_handshake_
     chat.track(writer.transport)
     async with asyncio.timeout(5):  # asyncio's own default would be 60 s
         assert await reader.read() == b""
+
+
+# Memory bounded in bytes (issue 12, item 2)
+
+WORST_LINE = "\U0001F600" * 2000  # the most bytes --max-chars lets a line hold
+
+
+async def test_a_rooms_history_is_bounded_in_bytes(start_chat):
+    chat = await start_chat(history_bytes=20_000)
+    room = chat.room()
+    alice = await chat.join(room, name="alice")
+    for n in range(6):
+        await alice.send(f"{n}{WORST_LINE[1:]}")
+        await alice.expect(type="user", seq=n + 1)
+    newcomer = await chat.join(room, name="newcomer")
+    assert [f["seq"] for f in newcomer.backlog if f["type"] == "user"] == [5, 6]
+
+
+async def test_one_address_cannot_open_rooms_without_limit(start_chat):
+    chat = await start_chat(rooms_per_ip=2, new_rooms_per_min=100)
+    await chat.join(chat.room("a"), at=0)
+    await chat.join(chat.room("b"), at=0)
+    status, body = await refused_status(f"{chat.url_for(0)}/{chat.room('c')}")
+    assert status == 503 and b"too many rooms opened from your address" in body
+    await chat.join(chat.room("a"), at=0)  # its open rooms stay open to it
+
+
+@pytest.mark.parametrize("flags, factor", [([], 2), (["--store", "{tmp}/chat.db"], 3)],
+                         ids=["memory", "store"])
+async def test_memory_with_rooms_full_of_the_worst_text_is_what_the_readme_says(
+        run_process, tmp_path, flags, factor):
+    """README: with the worst text, a room costs the process at most twice
+    --history-bytes (three times with --store) plus ROOM_OVERHEAD_KIB: its
+    history is --history-bytes (the newest frames), and the allocator keeps
+    as much again around 8 KB frames.  Measured as the growth per room between
+    20 and 40 rooms filled with 4-byte text past --history-bytes, so that
+    what the first rooms left to the allocator does not count.  (With
+    --broker, the history lives in Redis, not in chatserver.)"""
+    history_bytes = 64 * 1024
+    process = run_process("--rate", "1000", "--burst", "1000", "--new-rooms-per-min", "1000",
+                          "--history-bytes",
+                          str(history_bytes), *[f.format(tmp=tmp_path) for f in flags])
+
+    async def fill(names) -> None:
+        for name in names:
+            writer = await join(process.url, name, name="w")
+            for k in range(10):  # 10 lines of 8 KB: past --history-bytes
+                await writer.send(f"{k}{WORST_LINE[1:]}")
+            await writer.expect(type="user", seq=10)
+            await writer.close()
+
+    await fill([f"first{n}" for n in range(20)])
+    middle = rss_kib(process.popen.pid)
+    await fill([f"second{n}" for n in range(20)])
+    per_room_kib = (rss_kib(process.popen.pid) - middle) / 20
+    history_kib = history_bytes / 1024
+    assert history_kib <= per_room_kib <= factor * history_kib + ROOM_OVERHEAD_KIB, per_room_kib
+
+
+ROOM_OVERHEAD_KIB = 16  # the README's figure: a room's own objects

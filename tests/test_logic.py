@@ -556,3 +556,32 @@ def test_a_silent_peer_is_found_dead_within_ping_interval_plus_ping_timeout(inte
     assert pinged_at is not None and pinged_at <= interval
     assert dead_at - pinged_at >= timeout - 2 * step  # the ping had its time to be answered
     assert dead_at <= interval + timeout + 1e-9
+
+
+def test_history_is_bounded_in_bytes_as_well_as_in_lines():
+    chat, _ = make_chat(history=100, history_bytes=20_000)
+    alice, _ = chat.join("lobby", "alice")
+    for n in range(10):
+        receive(chat, alice, f"{n}" + "\U0001F600" * 1999)  # the longest line: about 8 KB
+    room = alice.room
+    assert [seq for seq, _ in room.history] == [9, 10]
+    assert room.history_size == sum(len(data) for _, data in room.history) <= 20_000
+    receive(chat, alice, "x" * 2000)
+    assert len(room.history) == 3  # small lines still fit beside them
+
+
+def test_an_address_opens_rooms_up_to_its_limits():
+    chat, clock = make_chat(rooms_per_ip=3, new_rooms_per_min=2)
+    chat.check_room("a", "1.2.3.4")
+    chat.join("a", "x", address="1.2.3.4")
+    chat.join("b", "x", address="1.2.3.4")
+    with pytest.raises(Refused, match="too fast"):
+        chat.check_room("c", "1.2.3.4")
+    chat.check_room("c", "5.6.7.8")  # another address is not held back
+    clock.now += 30  # 2 a minute: one more after half a minute
+    chat.check_room("c", "1.2.3.4")
+    chat.join("c", "x", address="1.2.3.4")
+    clock.now += 60
+    with pytest.raises(Refused, match="too many rooms opened"):
+        chat.check_room("d", "1.2.3.4")
+    chat.check_room("a", "1.2.3.4")  # an open room is always open to it
