@@ -188,8 +188,8 @@ local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
   local current = redis.call('GET', epoch_key)
   if not current then
     current = epoch
-    if ttl then
-      redis.call('SET', epoch_key, epoch, 'PX', ttl)
+    if ttl then  -- at least 1 ms: Redis refuses PX 0 (--room-ttl 0)
+      redis.call('SET', epoch_key, epoch, 'PX', math.max(1, tonumber(ttl)))
     else
       redis.call('SET', epoch_key, epoch)
     end
