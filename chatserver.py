@@ -579,6 +579,8 @@ class Chat:
         self.opened: collections.Counter[str] = collections.Counter()  # rooms by opener
         self.openings: dict[str, tuple[float, float]] = {}  # address: (tokens, when)
         self.sessions: dict[str, Session] = {}  # by session id
+        # Sessions with no connection left, the longest gone first.
+        self.departed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.keys: dict[str, str] = {}  # a welcome's key -> its session id
 
     # Rooms
@@ -657,14 +659,29 @@ class Chat:
         keeps its cid."""
         now = self.clock()
         keep = max(CID_MEMORY_S, self.config.room_ttl)
-        for sid, session in list(self.sessions.items()):
-            if not session.connections and now - session.left_at >= keep:
-                for key in session.keys:
-                    del self.keys[key]
-                del self.sessions[sid]
+        for sid in list(self.departed):
+            if now - self.sessions[sid].left_at < keep:
+                break  # the others left later
+            self.forget_session(sid)
+
+    def forget_session(self, sid: str) -> None:
+        session = self.sessions.pop(sid)
+        self.departed.pop(sid, None)
+        for key in session.keys:
+            del self.keys[key]
+
+    def depart(self, sid: str) -> None:
+        """The session `sid` has no connection left.  At most --max-clients
+        such sessions are kept (the longest gone is forgotten first), so
+        that clients that come and go cannot grow memory without bound."""
+        self.departed[sid] = None
+        self.departed.move_to_end(sid)
+        while len(self.departed) > self.config.max_clients:
+            self.forget_session(next(iter(self.departed)))
 
     def name_session(self, key: str, sid: str) -> Session:
         """Let `key` name the session `sid` (made if new)."""
+        self.departed.pop(sid, None)  # back: not gone any more
         session = self.sessions.setdefault(sid, Session())
         session.keys.add(key)
         self.keys[key] = sid
@@ -741,6 +758,8 @@ class Chat:
         if session is not None:
             session.connections -= 1
             session.left_at = self.clock()
+            if not session.connections:
+                self.depart(member.session)
         if room.members or replaced:
             room.announce_presence(member.name, joining=False)
         else:

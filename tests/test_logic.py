@@ -585,3 +585,19 @@ def test_an_address_opens_rooms_up_to_its_limits():
     with pytest.raises(Refused, match="too many rooms opened"):
         chat.check_room("d", "1.2.3.4")
     chat.check_room("a", "1.2.3.4")  # an open room is always open to it
+
+
+def test_sessions_of_clients_that_left_are_kept_only_up_to_max_clients():
+    chat, clock = make_chat(max_clients=3)
+    keys = []
+    for n in range(5):  # five clients come, send an acked line, and go
+        member, out = chat.join("lobby", f"c{n}")
+        keys.append(frames(out)[0]["key"])
+        receive(chat, member, "hi", cid="c")
+        chat.leave(member)
+        clock.now += 1
+    assert len(chat.sessions) == 3 and len(chat.keys) == 3
+    back, _ = chat.join("lobby", "c4", key=keys[4])  # the latest is still known
+    assert chat.recall(back, "c") is not None
+    gone, _ = chat.join("lobby", "c0", key=keys[0])  # the first was forgotten
+    assert chat.recall(gone, "c") is None
