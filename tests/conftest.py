@@ -88,6 +88,17 @@ async def join(url: str, room: str = "", **params) -> Client:
     return client
 
 
+async def chat_lines(client: Client, count: int) -> list[tuple[int, str, str]]:
+    """The next `count` chat messages a client receives, skipping notices:
+    (seq, id, message) each."""
+    lines = []
+    while len(lines) < count:
+        frame = await client.recv()
+        if frame["type"] == "user":
+            lines.append((frame["seq"], frame["id"], frame["message"]))
+    return lines
+
+
 async def http_get(port: int, path: str) -> tuple[int, str]:
     """GET http://127.0.0.1:PORT/PATH: (status, body), whatever the status."""
     def get():

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import Client
+from conftest import Client, chat_lines
 
 
 def line(cid: str, text: str) -> str:
@@ -20,16 +20,6 @@ async def answer(client: Client, cid: str) -> dict:
     frames = await client.recv_until(lambda f: f.get("cid") == cid)
     assert frames[-1]["event"] in ("ack", "error"), frames[-1]
     return frames[-1]
-
-
-async def messages(client: Client, count: int) -> list[tuple[int, str, str]]:
-    """The next `count` chat messages, as (seq, id, message)."""
-    found = []
-    while len(found) < count:
-        frame = await client.recv()
-        if frame["type"] == "user":
-            found.append((frame["seq"], frame["id"], frame["message"]))
-    return found
 
 
 async def test_a_line_is_acked_with_the_seq_it_became_and_reaches_everyone(chat):
@@ -46,7 +36,7 @@ async def test_a_line_is_acked_with_the_seq_it_became_and_reaches_everyone(chat)
     echo = next(f for f in frames if f["type"] == "user")
     assert ack["cid"] == "c1" and ack["room"] == room and ack["message"] == "" and ack["ts"]
     assert ack["seq"] == echo["seq"] == 1 and echo["message"] == "hello"
-    assert await messages(bob, 1) == [(1, "alice", "hello")]
+    assert await chat_lines(bob, 1) == [(1, "alice", "hello")]
 
 
 async def test_acks_come_in_the_order_the_lines_were_sent(chat):
@@ -119,7 +109,7 @@ async def test_the_same_cid_on_the_same_connection_is_posted_once(chat):
     assert again["event"] == "ack" and again["seq"] == first["seq"] == 1
     await alice.send(line("next", "after"))
     assert (await answer(alice, "next"))["seq"] == 2
-    assert await messages(bob, 2) == [(1, "alice", "only once"), (2, "alice", "after")]
+    assert await chat_lines(bob, 2) == [(1, "alice", "only once"), (2, "alice", "after")]
 
 
 async def test_the_same_cid_after_a_reconnect_with_the_key_is_posted_once(chat):
@@ -140,7 +130,7 @@ async def test_the_same_cid_after_a_reconnect_with_the_key_is_posted_once(chat):
         alice.ws.transport.abort()
         await back.close()
     await bob.send("done")
-    lines = [m for m in await messages(bob, 3)]
+    lines = [m for m in await chat_lines(bob, 3)]
     assert [m[2] for m in lines] == ["sent before the link died"] * 2 + ["done"]
 
 

@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatserver_redis import (BROKER_DOWN, SharedRoom, frame_prefix, history_window,
                               name_candidates)
-from conftest import ROOT, free_port, join
+from conftest import ROOT, chat_lines, free_port, join
 
 FAST = ("--rate", "1000", "--burst", "1000")
 
@@ -40,16 +40,6 @@ def cluster(redis_server, run_process):
 
 def user_frames(frames: list[dict]) -> list[tuple[int, str, str]]:
     return [(f["seq"], f["id"], f["message"]) for f in frames if f["type"] == "user"]
-
-
-async def chat_lines(client, count: int) -> list[tuple[int, str, str]]:
-    """The next `count` chat messages a client receives, skipping notices."""
-    lines = []
-    while len(lines) < count:
-        frame = await client.recv()
-        if frame["type"] == "user":
-            lines.append((frame["seq"], frame["id"], frame["message"]))
-    return lines
 
 
 # The broker's pure parts, without Redis -----------------------------------

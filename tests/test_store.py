@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, join
+from conftest import ROOT, http_get, join
 
 FAST = ("--rate", "1000", "--burst", "1000")
 
@@ -23,15 +23,7 @@ def acked(cid: str, text: str) -> str:
 
 
 async def healthz(port: int) -> tuple[int, str]:
-    def get():
-        import urllib.error
-        import urllib.request
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-    return await asyncio.to_thread(get)
+    return await http_get(port, "/healthz")
 
 
 def start_fails(*args: str) -> subprocess.CompletedProcess:
