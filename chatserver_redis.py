@@ -638,10 +638,16 @@ class RedisRooms(Rooms):
              encode(renamed(room.name, old, new)), member.key])
         if not granted:
             return f"{new} is already taken in {room.name}"
-        if member.is_here():  # else taken over by a new connection meanwhile: it is closing
+        if member.is_here():
             del room.members[fold(old)]
             member.name = new
             room.members[fold(new)] = member
+        else:
+            # It left while the rename was in Redis (a take-over would have
+            # made the rename fail): its leave took the old name away, so the
+            # new one must go too, or it is held for ever.
+            member.name = new
+            self.spawn(self.leave_redis(room, member, not room.members and not room.joining))
         return None
 
     async def recall(self, member: Member, cid: str) -> Acked | None:

@@ -490,3 +490,23 @@ def _zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+async def test_a_name_taken_by_nick_just_before_a_disconnect_is_not_held_for_ever(cluster):
+    """Issue 17, item 1: /nick, then the connection goes before the answer."""
+    a, b = cluster(2)
+    watcher = await join(b.url, "r", name="watcher")
+    for n in range(10):
+        ws = await connect(f"{a.url}/r?name=old{n}")
+        await ws.send(f"/nick new{n}")
+        ws.transport.abort()  # gone while the rename is on its way to Redis
+    async with asyncio.timeout(10):
+        while True:  # each one's leave notices have been carried out
+            await watcher.send("/who")
+            online = (await watcher.expect(event="who"))["online"]
+            if online == ["watcher"]:
+                break
+            await asyncio.sleep(0.1)
+    for n in range(10):
+        again = await join(a.url, "r", name=f"new{n}")
+        assert again.name == f"new{n}"  # free again, not new{n}-2
