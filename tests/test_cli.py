@@ -15,7 +15,9 @@ from conftest import ROOT, in_ci, join
 FLAGS = ["--host", "--port", "--history", "--room-ttl", "--max-chars", "--max-size",
          "--log-level", "--rate", "--burst", "--max-rooms", "--max-clients", "--max-per-ip",
          "--trust-proxy", "--allow-origin", "--max-buffer", "--handshake-timeout",
-         "--ping-interval", "--ping-timeout", "--shutdown-timeout", "--certfile", "--keyfile"]
+         "--ping-interval", "--ping-timeout", "--shutdown-timeout", "--certfile", "--keyfile",
+         "--history-bytes", "--rooms-per-ip", "--new-rooms-per-min", "--store", "--store-rooms",
+         "--broker", "--workers", "--batch-window", "--crowd", "--flood-close", "--uvloop"]
 
 
 def test_help_documents_every_flag():
