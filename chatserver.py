@@ -2021,7 +2021,9 @@ def run_workers(config: Config) -> int | str:
     print(f"chatserver listening on {scheme}://{host}:{config.port}/ with {len(workers)} "
           f"worker processes sharing {safe_url(config.broker)}", flush=True)
     while not stopping:
-        multiprocessing.connection.wait([worker.sentinel for worker in workers], 0.5)
+        multiprocessing.connection.wait([ready, *(worker.sentinel for worker in workers)], 0.5)
+        while ready.poll():  # a restarted worker's "listening": read, or the pipe fills up
+            ready.recv()
         for n, worker in enumerate(workers):
             if not worker.is_alive() and not stopping:
                 log.warning("worker %d exited with %s; restarting it", worker.pid,
