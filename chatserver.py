@@ -553,7 +553,9 @@ class Session:
         default_factory=collections.OrderedDict)  # cid -> (seq, when)
     connections: int = 0
     left_at: float = 0.0
-    keys: set[str] = dataclasses.field(default_factory=set)  # the keys that name it
+    # The keys that name it, oldest first (at most KEYS_PER_SESSION).
+    keys: collections.OrderedDict[str, None] = dataclasses.field(
+        default_factory=collections.OrderedDict)
 
     def recall(self, cid: str) -> Acked | None:
         line = self.lines.get(cid)
@@ -567,6 +569,16 @@ class Session:
             if now - when < CID_MEMORY_S:
                 break
             self.lines.popitem(last=False)
+
+
+def session_keep_s(config: Config) -> float:
+    """How long a session outlives its last connection: --room-ttl, at least
+    CID_MEMORY_S (while a room keeps a message, its sender's session keeps
+    its cid).  Every back-end keeps sessions this long."""
+    return max(CID_MEMORY_S, config.room_ttl)
+
+
+KEYS_PER_SESSION = 8  # unspent keys a session keeps; the oldest go first
 
 
 class Chat:
@@ -658,7 +670,7 @@ class Chat:
         CID_MEMORY_S): while a room keeps a message, its sender's session
         keeps its cid."""
         now = self.clock()
-        keep = max(CID_MEMORY_S, self.config.room_ttl)
+        keep = session_keep_s(self.config)
         for sid in list(self.departed):
             if now - self.sessions[sid].left_at < keep:
                 break  # the others left later
@@ -674,6 +686,9 @@ class Chat:
         """The session `sid` has no connection left.  At most --max-clients
         such sessions are kept (the longest gone is forgotten first), so
         that clients that come and go cannot grow memory without bound."""
+        if not self.sessions[sid].lines:
+            self.forget_session(sid)  # nothing to remember it by
+            return
         self.departed[sid] = None
         self.departed.move_to_end(sid)
         while len(self.departed) > self.config.max_clients:
@@ -683,8 +698,10 @@ class Chat:
         """Let `key` name the session `sid` (made if new)."""
         self.departed.pop(sid, None)  # back: not gone any more
         session = self.sessions.setdefault(sid, Session())
-        session.keys.add(key)
+        session.keys[key] = None
         self.keys[key] = sid
+        while len(session.keys) > KEYS_PER_SESSION:  # a client that never speaks
+            del self.keys[session.keys.popitem(last=False)[0]]
         return session
 
     def spend(self, member: Member) -> None:
@@ -694,7 +711,7 @@ class Chat:
         key, member.previous_key = member.previous_key, None
         sid = self.keys.pop(key, None) if key else None
         if sid is not None:
-            self.sessions[sid].keys.discard(key)
+            self.sessions[sid].keys.pop(key, None)
 
     # What clients do, in this process's memory
 
@@ -1203,7 +1220,7 @@ class Client(asyncio.Protocol):
         self.ping_sent_at: float | None = None  # None: no ping unanswered
         self.heard_at = time.monotonic()  # when it last sent a frame
         self.answered = False  # its request has had its answer
-        self.early = b""  # what came before that answer
+        self.early = bytearray()  # what came before that answer
         self.entered = False  # past the handshake, in the chat
         self.acks = False
         self.paused: set[str] = set()  # why we read nothing from it now
@@ -1253,15 +1270,16 @@ class Client(asyncio.Protocol):
         # Until the request is answered, what follows it waits: a frame sent
         # along with it would otherwise be taken first (its pong, or its
         # failure, would go out before the 101).
+        start = max(0, len(self.early) - 3)  # the end may straddle two reads
         self.early += data
-        end = self.early.find(b"\r\n\r\n")
+        end = self.early.find(b"\r\n\r\n", start)
         if end < 0 and len(self.early) <= REQUEST_HEAD_BYTES:
             return
         cut = len(self.early) if end < 0 else end + 4  # too long: the parser says so
-        head, self.early = self.early[:cut], self.early[cut:]
+        head, self.early = bytes(self.early[:cut]), self.early[cut:]
         self.feed(head)
         if self.answered and self.early:
-            rest, self.early = self.early, b""
+            rest, self.early = bytes(self.early), bytearray()
             self.feed(rest)
 
     def feed(self, data: bytes) -> None:

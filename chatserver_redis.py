@@ -41,7 +41,7 @@ import weakref
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
                         Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
                         Ticket, Unavailable, chat, encode, fold, joined, left,
-                        newcomer_frames, renamed, safe_url)
+                        newcomer_frames, renamed, safe_url, session_keep_s)
 
 log = logging.getLogger("chatserver")
 
@@ -330,7 +330,7 @@ return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE',
 LUA_JOIN = LUA_COMMON + """
 local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
 local key = ARGV[5]
-local session = (key ~= '' and redis.call('GET', KEYS[7])) or ARGV[6]
+local session = redis.call('GET', KEYS[7]) or ARGV[6]  -- the welcome's, every round
 for i = 8, #ARGV, 3 do
   local held = redis.call('HGET', KEYS[4], ARGV[i])
   local old = nil
@@ -477,7 +477,7 @@ class RedisRooms(Rooms):
         self.history_limit = config.history
         self.history_bytes = config.history_bytes
         self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
-        self.session_ttl_ms = int(max(CID_MEMORY_S, config.room_ttl) * 1000)
+        self.session_ttl_ms = int(session_keep_s(config) * 1000)
         self.proc = secrets.token_hex(8)
         self.proc_key = f"chat:proc:{self.proc}"
         self.proc_rooms_key = f"chat:proc:{self.proc}:rooms"

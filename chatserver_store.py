@@ -21,6 +21,7 @@ message goes out, so neither a crash nor a power cut loses an acked message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -28,10 +29,10 @@ import queue
 import sqlite3
 import threading
 import time
+import weakref
 
-from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, Chat, Config, Fanout, Member,
-                        MemoryRooms, Outgoing, Ticket, Unavailable, chat,
-                        encode)
+from chatserver import (CID_MEMORY_LINES, Chat, Config, Fanout, Member, MemoryRooms, Outgoing,
+                        Ticket, Unavailable, chat, encode, session_keep_s)
 
 log = logging.getLogger("chatserver")
 
@@ -99,6 +100,7 @@ class Store:
         self.problem: str | None = None  # why the last commit failed, until one works
         self.loop: asyncio.AbstractEventLoop | None = None
         self.committed_at = 0.0
+        self.undo: dict[str, int] = {}
 
     # Starting and stopping (from the event loop's thread)
 
@@ -189,7 +191,7 @@ class Store:
         for job, future in jobs:
             try:
                 outcomes.append((future, job(self), None))
-            except sqlite3.Error as exc:
+            except Exception as exc:  # the thread must live on
                 problem = Unavailable(f"the chat's store cannot be read ({exc})")
                 outcomes.append((future, None, problem))
         self.settle(outcomes)
@@ -202,15 +204,18 @@ class Store:
     def commit(self, group: list) -> None:
         if not group:
             return
-        seqs = dict(self.seqs)  # to undo what a failed group numbered
+        self.undo = {}  # room: its seq before this group, to undo a failure
         try:
             self.db.execute("BEGIN IMMEDIATE")
             results = [job(self) for job, _ in group]
             self.db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-            self.seqs = seqs
+        except Exception as exc:  # the thread must live on: every later line needs it
+            if not isinstance(exc, sqlite3.Error):
+                log.exception("store %s: a write failed", self.path)
+            with contextlib.suppress(sqlite3.Error):
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+            self.seqs.update(self.undo)
             self.failed(f"not saved: {exc}")
             problem = Unavailable(f"not saved: the chat's store failed ({exc})")
             self.settle([(future, None, problem) for _, future in group])
@@ -238,6 +243,13 @@ class Store:
             row = self.db.execute("SELECT seq FROM rooms WHERE name = ?", (room,)).fetchone()
             self.seqs[room] = row[0] if row else 0
         return self.seqs[room]
+
+    def number(self, room: str, known: int) -> int:
+        """The next seq of `room`: past what the disk and the chat (`known`)
+        have seen, so that no seq is given twice even if the room's row went."""
+        self.undo.setdefault(room, self.last_seq(room))
+        seq = self.seqs[room] = max(self.last_seq(room), known) + 1
+        return seq
 
 
 def settle(outcomes: list) -> None:
@@ -285,12 +297,12 @@ class Post:
     history: int
     session: str
     cid: str | None
+    known: int  # the room's last seq as the chat knows it
     writes = True
 
     def __call__(self, store: Store) -> tuple[int, bytes]:
         db = store.db
-        seq = store.last_seq(self.room) + 1
-        store.seqs[self.room] = seq
+        seq = store.number(self.room, self.known)
         frame = encode(chat(self.room, self.name, self.text, seq, self.action))
         now = time.time()
         db.execute("INSERT INTO rooms VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
@@ -334,18 +346,23 @@ class SessionOfKey:
 
 @dataclasses.dataclass
 class NameSession:
-    """`key` names `session` (None: it names nothing any more)."""
+    """`key` names `session` (None: it names nothing any more); of the
+    session's other keys, only those in `kept` (the newest) still do."""
 
     key: str
     session: str | None
+    kept: tuple[str, ...] = ()
     writes = True
 
     def __call__(self, store: Store) -> None:
+        db = store.db
         if self.session is None:
-            store.db.execute("DELETE FROM keys WHERE key = ?", (self.key,))
-        else:
-            store.db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?)",
-                             (self.key, self.session))
+            db.execute("DELETE FROM keys WHERE key = ?", (self.key,))
+            return
+        db.execute("INSERT OR REPLACE INTO keys VALUES (?, ?)", (self.key, self.session))
+        marks = ", ".join("?" * len(self.kept))
+        db.execute(f"DELETE FROM keys WHERE session = ? AND key NOT IN ({marks})",
+                   (self.session, *self.kept))
 
 
 @dataclasses.dataclass
@@ -356,20 +373,25 @@ class Prune:
 
     rooms: int
     keep_s: float
+    live: frozenset[str]  # rooms open in memory: never pruned
     writes = True
 
     def __call__(self, store: Store) -> int:
         db = store.db
         old = [name for (name,) in db.execute(
-            "SELECT name FROM rooms ORDER BY active_at DESC LIMIT -1 OFFSET ?", (self.rooms,))]
+            "SELECT name FROM rooms ORDER BY active_at DESC LIMIT -1 OFFSET ?", (self.rooms,))
+            if name not in self.live]
         for name in old:
             db.execute("DELETE FROM messages WHERE room = ?", (name,))
             db.execute("DELETE FROM rooms WHERE name = ?", (name,))
             store.seqs.pop(name, None)
-        db.execute("DELETE FROM lines WHERE at < ? AND (SELECT count(*) FROM lines AS newer "
-                   "WHERE newer.session = lines.session AND newer.at > lines.at) >= ?",
-                   (time.time() - self.keep_s, CID_MEMORY_LINES))
-        db.execute("DELETE FROM lines WHERE at < ?", (time.time() - 2 * self.keep_s,))
+        now = time.time()
+        # Sessions with more than CID_MEMORY_LINES lines lose those older than
+        # keep_s; every line goes after twice that (one pass each: no query
+        # per line).
+        db.execute("DELETE FROM lines WHERE at < ? AND session IN (SELECT session FROM lines "
+                   "GROUP BY session HAVING count(*) > ?)", (now - self.keep_s, CID_MEMORY_LINES))
+        db.execute("DELETE FROM lines WHERE at < ?", (now - 2 * self.keep_s,))
         db.execute("DELETE FROM keys WHERE NOT EXISTS "
                    "(SELECT 1 FROM lines WHERE lines.session = keys.session)")
         return len(old)
@@ -387,7 +409,9 @@ class StoreRooms(MemoryRooms):
         self.store = Store(config.store)
         self.history = config.history
         self.max_stored_rooms = config.store_rooms
-        self.keep_s = max(CID_MEMORY_S, config.room_ttl)
+        self.keep_s = session_keep_s(config)
+        self.posting: weakref.WeakKeyDictionary[Member, asyncio.Future] = \
+            weakref.WeakKeyDictionary()  # each member's last post on its way
         self.loading: dict[str, asyncio.Future] = {}
         self.in_flight: dict[tuple[str, str], asyncio.Future] = {}  # (session, cid): its post
 
@@ -402,7 +426,8 @@ class StoreRooms(MemoryRooms):
         return self.store.problem
 
     async def sweep(self) -> None:
-        gone = await self.store.call(Prune(self.max_stored_rooms, self.keep_s))
+        gone = await self.store.call(Prune(self.max_stored_rooms, self.keep_s,
+                                           frozenset(self.chat.rooms)))
         if gone:
             log.info("store %s: forgot %d least recently active rooms", self.store.path, gone)
 
@@ -414,7 +439,8 @@ class StoreRooms(MemoryRooms):
         if ticket.key and ticket.key not in self.chat.keys:
             await self.load_session(ticket.key)
         member, out = await super().join(ticket)
-        self.spawn(NameSession(member.key, member.session))
+        kept = tuple(self.chat.sessions[member.session].keys)
+        self.spawn(NameSession(member.key, member.session, kept))
         return member, out
 
     def spend(self, member: Member) -> None:
@@ -459,10 +485,12 @@ class StoreRooms(MemoryRooms):
                 return acked.seq
             in_flight = self.in_flight.get((member.session, cid))
             if in_flight is not None:  # sent again before the first was committed
-                return await asyncio.shield(in_flight)
+                seq, _ = await asyncio.shield(in_flight)
+                return seq
         room = member.room
         post = self.store.call(Post(room.name, room.epoch, member.name, text, action,
-                                    self.history, member.session, cid))
+                                    self.history, member.session, cid, room.seq))
+        self.posting[member] = post
         if cid is not None:
             self.in_flight[member.session, cid] = post
         try:
@@ -479,3 +507,11 @@ class StoreRooms(MemoryRooms):
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
         await self.store.call(Remember(member.session, cid, seq))
         self.chat.remember(member, cid, seq)
+
+    async def rename(self, member: Member, new: str) -> str | None:
+        """After the member's lines on their way (pipelined): its nick notice
+        must not overtake them."""
+        posting = self.posting.get(member)
+        if posting is not None:
+            await asyncio.wait([posting])
+        return await super().rename(member, new)

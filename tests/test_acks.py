@@ -9,6 +9,7 @@ import json
 import pytest
 
 from conftest import Client, chat_lines
+from test_hostile_input import Raw, raw_connect
 
 
 def line(cid: str, text: str) -> str:
@@ -198,3 +199,21 @@ async def test_a_plain_connection_beside_an_acks_one_is_unchanged(chat):
     assert not [f for f in frames if "cid" in f], frames
     await alice.send(line("a", "hi"))
     assert (await answer(alice, "a"))["seq"] == 2
+
+
+async def test_the_same_cid_twice_in_a_row_is_posted_once_and_acked_twice(chat):
+    """The second copy may arrive while the first is still on its way (a
+    store's commit, a Redis call): it waits for it and gets its ack."""
+    room = chat.room()
+    bob = await chat.join(room, name="bob")
+    raw = await raw_connect(chat, f"/{room}?name=alice&acks=1")
+    await bob.expect(event="join", name="alice")
+    twice = Raw.frame(1, line("twice", "only once").encode())
+    raw.writer.write(twice + twice)  # one write: the server reads both at once
+    first = await raw.next_json(event="ack", cid="twice")
+    again = await raw.next_json(cid="twice")
+    assert again["event"] == "ack" and first["seq"] == again["seq"]
+    raw.send_frame(1, line("next", "after").encode())
+    await raw.next_json(event="ack", cid="next")
+    assert await chat_lines(bob, 2) == [(first["seq"], "alice", "only once"),
+                                        (first["seq"] + 1, "alice", "after")]

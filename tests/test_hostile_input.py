@@ -27,6 +27,12 @@ class Raw:
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
                    rsv: int = 0) -> None:
+        self.writer.write(self.frame(opcode, payload, fin, masked, rsv))
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = True,
+              rsv: int = 0) -> bytes:
+        """The bytes of one frame, as a client sends it."""
         head = bytes(((0x80 if fin else 0) | rsv | opcode,))
         length = len(payload)
         mask_bit = 0x80 if masked else 0
@@ -40,7 +46,7 @@ class Raw:
             mask = os.urandom(4)
             payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
             head += mask
-        self.writer.write(head + payload)
+        return head + payload
 
     async def read_frame(self) -> tuple[int, bytes]:
         async with asyncio.timeout(TIMEOUT_S):

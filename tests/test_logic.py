@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chatserver import (ACKED_FRAME, CID_MEMORY_S, Acked, Chat, Config, Member, MemoryRooms,
-                        keepalive_due,
+                        KEYS_PER_SESSION, keepalive_due,
                         Refused, Room, Session, name_problem, room_from_path, run_now, unwrap)
 
 
@@ -601,3 +601,16 @@ def test_sessions_of_clients_that_left_are_kept_only_up_to_max_clients():
     assert chat.recall(back, "c") is not None
     gone, _ = chat.join("lobby", "c0", key=keys[0])  # the first was forgotten
     assert chat.recall(gone, "c") is None
+
+
+def test_a_session_keeps_only_its_newest_keys():
+    chat, _ = make_chat()
+    member, out = chat.join("lobby", "alice")
+    key = frames(out)[0]["key"]
+    receive(chat, member, "hi", cid="c1")  # a session worth keeping
+    for _ in range(20):  # reconnects that never speak: no key is spent
+        chat.leave(member)
+        member, out = chat.join("lobby", "alice", key=member.key)
+    session = chat.sessions[member.session]
+    assert len(session.keys) == KEYS_PER_SESSION and len(chat.keys) == KEYS_PER_SESSION
+    assert member.key in session.keys and key not in chat.keys

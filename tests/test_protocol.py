@@ -523,3 +523,14 @@ async def test_a_key_is_spent_once_its_new_connection_speaks_but_the_session_goe
     assert (await thief.expect(cid="c1"))["seq"] != first["seq"]  # ...nor the session
     newest = await chat.join(room, name="alice", acks=1, key=back.welcome["key"])
     assert newest.name == "alice"  # while the newest key works
+
+
+async def test_a_nick_notice_never_overtakes_the_senders_earlier_lines(chat):
+    from test_hostile_input import Raw, raw_connect
+    room = chat.room()
+    bob = await chat.join(room, name="bob")
+    alice = await raw_connect(chat, f"/{room}?name=alice")
+    await bob.expect(event="join", name="alice")
+    alice.writer.write(Raw.frame(1, b"first") + Raw.frame(1, b"/nick alicia"))  # read at once
+    frames = await bob.recv_until(lambda f: f.get("event") == "nick")
+    assert [(f["id"], f["message"]) for f in frames if f["type"] == "user"] == [("alice", "first")]
