@@ -581,6 +581,14 @@ def session_keep_s(config: Config) -> float:
 KEYS_PER_SESSION = 8  # unspent keys a session keeps; the oldest go first
 
 
+@dataclasses.dataclass(eq=False)
+class Reservation:
+    """A new room that a newcomer from `address` is on its way to open."""
+
+    address: str
+    done: bool = False
+
+
 class Chat:
     """All rooms of one server and the rules of the chat.  No I/O here."""
 
@@ -589,6 +597,7 @@ class Chat:
         self.clock = clock
         self.rooms: dict[str, Room] = {}
         self.opened: collections.Counter[str] = collections.Counter()  # rooms by opener
+        self.reserved: collections.Counter[str] = collections.Counter()  # rooms being opened
         self.openings: dict[str, tuple[float, float]] = {}  # address: (tokens, when)
         self.sessions: dict[str, Session] = {}  # by session id
         # Sessions with no connection left, the longest gone first.
@@ -605,34 +614,56 @@ class Chat:
         if room_name in self.rooms:
             return
         config = self.config
-        if self.opened[address] >= config.rooms_per_ip:
+        if self.opened[address] + self.reserved[address] >= config.rooms_per_ip:
             raise Refused(503, "too many rooms opened from your address; try again later")
-        if not self.opening_allowed(address):
+        if self.opening_tokens(address) < 1:
             raise Refused(503, "rooms opened too fast from your address; try again later")
-        if len(self.rooms) >= config.max_rooms and not self.forget_idle_rooms(force_one=True):
+        if len(self.rooms) + self.reserved.total() >= config.max_rooms and \
+                not self.forget_idle_rooms(force_one=True):
             raise Refused(503, "too many rooms on this server; try again later")
 
-    def opening_allowed(self, address: str) -> bool:
+    def opening_tokens(self, address: str) -> float:
         """A token bucket per address: --new-rooms-per-min, as many at once."""
         now = self.clock()
         burst = self.config.new_rooms_per_min
         tokens, at = self.openings.get(address, (burst, now))
         tokens = min(burst, tokens + (now - at) * burst / 60)
         self.openings[address] = (tokens, now)
-        return tokens >= 1
+        return tokens
 
-    def open_room(self, room_name: str, address: str = "", kind: type[Room] | None = None) -> Room:
+    def reserve(self, room_name: str, address: str) -> Reservation | None:
+        """A newcomer that passed check_room is on its way into `room_name`:
+        if the room is new, it counts for its address from now on, so that
+        joins that wait (for Redis, for the store) cannot all pass the check
+        at once.  `release` what this returns when the join is over, whatever
+        its outcome; opening the room with it turns it into an opened room."""
+        if room_name in self.rooms:
+            return None
+        self.reserved[address] += 1
+        tokens, at = self.openings.get(address, (self.config.new_rooms_per_min, self.clock()))
+        self.openings[address] = (tokens - 1, at)
+        return Reservation(address)
+
+    def release(self, reservation: Reservation | None) -> None:
+        if reservation is None or reservation.done:
+            return
+        reservation.done = True
+        self.reserved[reservation.address] -= 1
+        if not self.reserved[reservation.address]:
+            del self.reserved[reservation.address]
+
+    def open_room(self, room_name: str, address: str = "", kind: type[Room] | None = None,
+                  reservation: Reservation | None = None) -> Room:
         """The room `room_name`, opened (as a `kind`, a Room by default) by
         `address` if it is new."""
         self.forget_if_expired(room_name)
         room = self.rooms.get(room_name)
         if room is None:
+            self.release(reservation)  # it is an opened room now
             room = self.rooms[room_name] = (kind or Room)(
                 room_name, self.config.history, self.config.history_bytes, self.config.crowd,
                 opened_by=address)
             self.opened[address] += 1
-            tokens, at = self.openings.get(address, (self.config.new_rooms_per_min, 0.0))
-            self.openings[address] = (tokens - 1, at)
         room.empty_since = None
         return room
 
@@ -1130,7 +1161,7 @@ class MemoryRooms(Rooms):
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         chat = self.chat
-        room = chat.open_room(ticket.room, ticket.address)
+        room = chat.open_room(ticket.room, ticket.address, reservation=ticket.reservation)
         holder = chat.holder(ticket.room, ticket.name, ticket.key)
         if holder is not None:
             chat.leave(holder, replaced=True)
@@ -1202,6 +1233,7 @@ class Ticket:
     address: str
     key: str | None = None  # a welcome's key: take this name back from an old connection
     acks: bool = False  # acks=1: each frame is {"cid", "line"} and gets an ack or an error
+    reservation: Reservation | None = None  # the new room it opens, if any
 
 
 class Client(asyncio.Protocol):
@@ -1456,13 +1488,17 @@ class ChatServer:
         if client.counted_as is None:
             self.per_ip[ticket.address] += 1
             client.counted_as = ticket.address
+        ticket = dataclasses.replace(
+            ticket, reservation=self.chat.reserve(ticket.room, ticket.address))
         if self.rooms.waits:
             client.inbox = collections.deque()
             client.inbox_ready = asyncio.Event()
             client.task = asyncio.create_task(self.serve(client, ticket))
             client.task.add_done_callback(lambda task: self.served(client, task))
         else:
-            self.admit(client, *run_now(self.rooms.join(ticket)))
+            joined = run_now(self.rooms.join(ticket))
+            self.chat.release(ticket.reservation)
+            self.admit(client, *joined)
 
     def admit(self, client: Client, member: Member, out: Outgoing) -> None:
         member.connection = client
@@ -1480,6 +1516,8 @@ class ChatServer:
         except Unavailable as exc:
             client.close(CLOSE_TRY_AGAIN, str(exc)[:100])
             return
+        finally:
+            self.chat.release(ticket.reservation)
         if client not in self.clients:  # it left while it was being let in
             self.rooms.leave(member)
             return

@@ -564,7 +564,7 @@ class RedisRooms(Rooms):
         if not self.up.is_set():
             raise Unavailable(BROKER_DOWN)
         wanted, notes = self.chat.newcomer_name(ticket.room, ticket.name)
-        room = self.chat.open_room(ticket.room, ticket.address, SharedRoom)
+        room = self.chat.open_room(ticket.room, ticket.address, SharedRoom, ticket.reservation)
         with self.fanout.joining(room):
             try:
                 await self.enter(room)

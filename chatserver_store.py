@@ -435,7 +435,7 @@ class StoreRooms(MemoryRooms):
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         if ticket.room not in self.chat.rooms:
-            await self.load(ticket.room, ticket.address)
+            await self.load(ticket)
         if ticket.key and ticket.key not in self.chat.keys:
             await self.load_session(ticket.key)
         member, out = await super().join(ticket)
@@ -454,8 +454,9 @@ class StoreRooms(MemoryRooms):
         the store, and the key stays usable or unknown: no line is lost)."""
         self.store.call(job).add_done_callback(lambda done: done.exception())
 
-    async def load(self, room_name: str, address: str) -> None:
-        """Read the room from the store, once however many join at once."""
+    async def load(self, ticket: Ticket) -> None:
+        """Read the ticket's room from the store, once however many join at once."""
+        room_name = ticket.room
         loading = self.loading.get(room_name)
         if loading is None:
             loading = self.loading[room_name] = self.store.call(Load(room_name, self.history))
@@ -463,7 +464,7 @@ class StoreRooms(MemoryRooms):
         stored = await asyncio.shield(loading)
         if stored is None or room_name in self.chat.rooms:
             return
-        room = self.chat.open_room(room_name, address)
+        room = self.chat.open_room(room_name, ticket.address, reservation=ticket.reservation)
         room.epoch = stored.epoch
         room.seq = room.delivered_seq = stored.seq
         for seq, frame in stored.frames:

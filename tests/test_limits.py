@@ -432,3 +432,12 @@ async def test_memory_with_rooms_full_of_the_worst_text_is_what_the_readme_says(
 
 
 ROOM_OVERHEAD_KIB = 16  # the README's figure: a room's own objects
+
+
+async def test_joins_that_wait_cannot_open_more_rooms_than_an_address_may(start_chat):
+    chat = await start_chat(rooms_per_ip=3, new_rooms_per_min=100)
+    attempts = await asyncio.gather(*(chat.connect(f"/{chat.room(f'r{n}')}", at=0)
+                                      for n in range(12)), return_exceptions=True)
+    opened = [a for a in attempts if not isinstance(a, Exception)]
+    refused = [a for a in attempts if isinstance(a, InvalidStatus)]
+    assert len(opened) == 3 and len(refused) == 9, [type(a).__name__ for a in attempts]

@@ -570,21 +570,45 @@ def test_history_is_bounded_in_bytes_as_well_as_in_lines():
     assert len(room.history) == 3  # small lines still fit beside them
 
 
+def enter(chat: Chat, room: str, address: str) -> Member:
+    """As the server lets a newcomer in: check, reserve, join, release."""
+    chat.check_room(room, address)
+    reservation = chat.reserve(room, address)
+    chat.open_room(room, address, reservation=reservation)
+    member, _ = chat.join(room, "x", address=address)
+    chat.release(reservation)
+    return member
+
+
 def test_an_address_opens_rooms_up_to_its_limits():
     chat, clock = make_chat(rooms_per_ip=3, new_rooms_per_min=2)
-    chat.check_room("a", "1.2.3.4")
-    chat.join("a", "x", address="1.2.3.4")
-    chat.join("b", "x", address="1.2.3.4")
+    enter(chat, "a", "1.2.3.4")
+    enter(chat, "b", "1.2.3.4")
     with pytest.raises(Refused, match="too fast"):
         chat.check_room("c", "1.2.3.4")
     chat.check_room("c", "5.6.7.8")  # another address is not held back
     clock.now += 30  # 2 a minute: one more after half a minute
-    chat.check_room("c", "1.2.3.4")
-    chat.join("c", "x", address="1.2.3.4")
+    enter(chat, "c", "1.2.3.4")
     clock.now += 60
     with pytest.raises(Refused, match="too many rooms opened"):
         chat.check_room("d", "1.2.3.4")
     chat.check_room("a", "1.2.3.4")  # an open room is always open to it
+
+
+def test_newcomers_on_their_way_into_new_rooms_count_before_they_are_in():
+    chat, _ = make_chat(rooms_per_ip=2, new_rooms_per_min=100)
+    reservations = []
+    for room in ("a", "b"):  # two joins waiting (for Redis, the store): not in yet
+        chat.check_room(room, "1.2.3.4")
+        reservations.append(chat.reserve(room, "1.2.3.4"))
+    with pytest.raises(Refused, match="too many rooms opened"):
+        chat.check_room("c", "1.2.3.4")
+    chat.open_room("a", "1.2.3.4", reservation=reservations[0])  # one got in: still 2
+    with pytest.raises(Refused, match="too many rooms opened"):
+        chat.check_room("c", "1.2.3.4")
+    for reservation in reservations:
+        chat.release(reservation)  # the other failed: its place is free again
+    chat.check_room("c", "1.2.3.4")
 
 
 def test_sessions_of_clients_that_left_are_kept_only_up_to_max_clients():
