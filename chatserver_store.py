@@ -21,6 +21,7 @@ message goes out, so neither a crash nor a power cut loses an acked message
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -39,6 +40,7 @@ log = logging.getLogger("chatserver")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 1000  # a write that waits this long for a lock has failed
 GROUP_JOBS = 1000  # at most this many jobs in one commit
+SPENT_KEYS = 10_000  # keys spent lately, refused even if the disk still has them
 # Under load, a commit waits until this long after the last one, so that one
 # fsync carries more lines (a lone line after a quiet spell never waits).
 COMMIT_INTERVAL_S = 0.004
@@ -413,6 +415,7 @@ class StoreRooms(MemoryRooms):
         self.posting: weakref.WeakKeyDictionary[Member, asyncio.Future] = \
             weakref.WeakKeyDictionary()  # each member's last post on its way
         self.loading: dict[str, asyncio.Future] = {}
+        self.spent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.in_flight: dict[tuple[str, str], asyncio.Future] = {}  # (session, cid): its post
 
     async def start(self) -> None:
@@ -448,6 +451,10 @@ class StoreRooms(MemoryRooms):
         super().spend(member)
         if key is not None:
             self.spawn(NameSession(key, None))
+            # Until that delete is on disk, a read must not bring it back.
+            self.spent[key] = None
+            while len(self.spent) > SPENT_KEYS:
+                self.spent.popitem(last=False)
 
     def spawn(self, job) -> None:
         """A write whose result nobody waits for (a failure is logged once by
@@ -472,7 +479,7 @@ class StoreRooms(MemoryRooms):
 
     async def load_session(self, key: str) -> None:
         found = await self.store.call(SessionOfKey(key))
-        if found is None or key in self.chat.keys:
+        if found is None or key in self.chat.keys or key in self.spent:
             return
         sid, lines = found
         session = self.chat.name_session(key, sid)
