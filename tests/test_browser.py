@@ -456,7 +456,8 @@ def test_page_reconnects_by_itself_after_a_server_restart(open_page, site, chat_
     page = open_page(page_url(site, server=chat_server.url, name="alice"))
     page.wait_online()
     page.say("before the restart")
-    expect(page.chat_texts).to_have_text(["before the restart"])  # sent out, not held
+    expect(page.chat_texts).to_have_text(["before the restart"])
+    expect(page.sending).to_have_count(0)  # acked by the server, not only typed
 
     chat_server.restart(signal.SIGKILL)  # gone without a goodbye, back on the same port
     expect(page.status).not_to_have_attribute("data-state", "online")
@@ -483,6 +484,7 @@ def test_with_a_store_a_restart_shows_nothing_but_the_brief_reconnect(open_page,
         page.wait_online()
         page.say("before the restart")
         expect(page.chat_texts).to_have_text(["before the restart"])
+        expect(page.sending).to_have_count(0)  # acked: committed, not only typed
 
         server.restart(signal.SIGKILL)  # a crash: the store still has the room
         expect(page.status).not_to_have_attribute("data-state", "online")
