@@ -250,3 +250,55 @@ async def test_a_store_of_100000_rooms_is_read_lazily(run_process, tmp_path):
     alice = await join(full.url, "r99999", name="alice")
     assert alice.welcome["epoch"] == "e" and alice.welcome["seq"] == 1
     assert [f["seq"] for f in alice.backlog if f["type"] == "user"] == [1]
+
+
+def limit_file_size(pid: int, size: int | None) -> None:
+    """What a full disk does to `pid`: no file of its may grow past `size`
+    (its writes fail with EFBIG; Python ignores SIGXFSZ).  None: no limit."""
+    import resource
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard if size is None else size, hard))
+
+
+async def test_a_full_disk_refuses_lines_loses_nothing_acked_and_recovers(run_process,
+                                                                          tmp_path):
+    db = tmp_path / "chat.db"
+    server = run_process("--store", str(db), *FAST, "--history", "1000")
+    alice = await join(server.url, "r", name="alice", acks=1)
+    bob = await join(server.url, "r", name="bob")
+    await alice.send(acked("before", "before the disk filled up"))
+    await alice.expect(event="ack", cid="before")
+    sizes = [path.stat().st_size for path in tmp_path.iterdir()]
+    limit_file_size(server.popen.pid, max(sizes) + 256 * 1024)  # room for some lines
+    acked_lines, refused = {}, 0
+    for n in range(200):  # 2 KB lines until the disk is "full"
+        await alice.send(acked(f"c{n}", f"{n} " + "x" * 1990))
+        answer = await alice.expect(cid=f"c{n}")
+        if answer["event"] == "ack":
+            acked_lines[answer["seq"]] = f"{n} " + "x" * 1990
+        else:
+            assert answer["message"].startswith("not saved"), answer
+            refused += 1
+            if refused == 3:
+                break
+    assert refused == 3 and acked_lines, ("the disk never filled up", len(acked_lines))
+    status, reason = await healthz(server.port)
+    assert status == 503 and "not saved" in reason
+    assert alice.ws.state.name == "OPEN" and bob.ws.state.name == "OPEN"
+
+    limit_file_size(server.popen.pid, None)  # room on the disk again
+    await alice.send(acked("after", "after"))
+    after = await alice.expect(cid="after")
+    assert after["event"] == "ack"
+    assert await healthz(server.port) == (200, "ok\n")
+    for client in (alice, bob):
+        await client.close()
+    assert server.terminate() == 0
+
+    server = run_process("--store", str(db), *FAST, "--history", "1000")
+    reader = await join(server.url, "r", name="reader")
+    kept = {f["seq"]: f["message"] for f in reader.backlog if f["type"] == "user"}
+    for seq, message in acked_lines.items():
+        assert kept[seq] == message  # every acked line is on disk
+    assert kept[after["seq"]] == "after"
+    assert sorted(kept) == list(range(1, len(kept) + 1))  # refused lines took no seq
