@@ -25,6 +25,13 @@
   const WHO_INTERVAL_MS = 5000;   // ...and at most this often, or 20 ms per member in
   const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
 
+  // The meta tag may name a path on the page's own host ("/socket"), which is
+  // how a reverse proxy serves page and socket on one origin.
+  function sameOrigin(address, scheme) {
+    if (!address || !address.startsWith('/') || !location.host) return address;
+    return `${scheme}//${location.host}${address}`;
+  }
+
   // Where the page connects, first match wins: ?server=, the chat-server meta
   // tag, then ws(s)://<this page's host, or localhost from disk>:8765/.
   // The room is ?room= (default lobby). The name: this tab's, if it was
@@ -34,7 +41,7 @@
     const meta = document.querySelector('meta[name="chat-server"]');
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const server = query.get('server')
-      || (meta && meta.content.trim())
+      || sameOrigin(meta && meta.content.trim(), scheme)
       || `${scheme}//${location.hostname || 'localhost'}:${DEFAULT_PORT}/`;
     const room = query.get('room') || DEFAULT_ROOM;
     const kept = keptTab.load(server, room);
