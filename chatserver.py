@@ -482,11 +482,13 @@ Outgoing = list[tuple[Member, bytes]]
 
 
 def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed: int,
-                    history: list[bytes]) -> Outgoing:
+                    history: list[bytes], seq: int | None = None) -> Outgoing:
     """What a newcomer gets, in order: the welcome, notes about its name, the
-    gap notice if some of what it missed is no longer kept, the history."""
+    gap notice if some of what it missed is no longer kept, the history.
+    Its history ends at `seq` (by default the room's delivered seq)."""
     room = member.room
-    out = [(member, encode(welcome(room.name, member.name, online, room.delivered_seq,
+    seq = room.delivered_seq if seq is None else seq
+    out = [(member, encode(welcome(room.name, member.name, online, seq,
                                    room.epoch, member.key)))]
     out += [(member, encode(note)) for note in notes]
     if missed:

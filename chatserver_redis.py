@@ -25,7 +25,8 @@ Each change is one Lua script, atomic in Redis: posting a line checks its
 cid, numbers it, keeps it and publishes it, so the order of the channel is
 the order of seq.  A process subscribes to a room's channel while it has
 members there, and fans out what the channel brings through chatserver's
-`Fanout`.
+`Fanout`.  A newcomer comes in where its own join notice passes on the
+channel (`Admission`), so the room never waits for a join.
 """
 
 from __future__ import annotations
@@ -51,8 +52,20 @@ HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
 RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
 RECONNECT_MAX_S = 3.0  # ...doubling up to this
+ADMISSION_TIMEOUT_S = 10.0  # a newcomer's join notice must come back on the channel by then
 NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
 BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
+
+
+@dataclasses.dataclass(eq=False)
+class Admission:
+    """A newcomer of this process on its way in.  Its join notice on the
+    room's channel is where it comes in: what the channel brought before is
+    in its history, what comes after is kept here until it is a member."""
+
+    passed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    online: list[str] = dataclasses.field(default_factory=list)  # as of its join notice
+    frames: list[bytes] = dataclasses.field(default_factory=list)  # queued since
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,58 +74,92 @@ class SharedRoom(Room):
 
     Locally it holds this process's members and the frames the room's channel
     brought: `seq` is the last seq received, and frames at or below it are
-    duplicates.  Until the room is synced with Redis (after each subscription),
+    duplicates.  `names` follows the whole room's names as the channel tells
+    them.  Until the room is synced with Redis (after each subscription),
     what the channel brings waits in `early`.
     """
 
     synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     ever_synced: bool = False
     early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
-    total: int = 0  # members on every process, as the last join or leave said
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # folded -> name, in order
+    admissions: dict[bytes, Admission] = dataclasses.field(default_factory=dict)  # by join id
     advanced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # seq grew
 
     def published(self, head: bytes, frame: bytes) -> None:
         """Queue a frame from the room's channel for the fan-out.
 
-        `head` is the frame's seq for a chat message, b"-" for a notice.
+        `head` is the frame's seq for a chat message, b"-" for a notice, b"j"
+        for a join notice (then `frame` starts with the join's id).
         """
         if not self.synced.is_set():
             self.early.append((head, frame))
             return
-        if head == b"-" and self.gather(frame):
-            return
-        if head == b"-" and b'"event":"nick"' in frame:
-            self.take_presence()  # the joins and leaves kept so far go first
-        if head != b"-":
+        if head.isdigit():
             seq = int(head)
             if seq <= self.seq:
                 return  # known from the sync point: in Redis's history
             self.seq = seq
             self.pending_seq.append(seq)
             self.advanced.set()
-        self.pending.append(frame)
+            self.queue(frame)
+            return
+        admission = None
+        if head == b"j":
+            join_id, _, frame = frame.partition(b" ")
+            admission = self.admissions.get(join_id)
+        notice = self.follow_names(frame)
+        if admission is not None:
+            admission.online = list(self.names.values())
+            admission.passed.set()
+        if notice is not None and notice["event"] != "nick" and self.gather_presence(
+                notice["name"], notice["event"] == "join", len(self.names)):
+            return
+        if notice is not None and notice["event"] == "nick":
+            self.take_presence()  # the joins and leaves kept so far go first
+        self.queue(frame)
 
-    def gather(self, frame: bytes) -> bool:
-        """Keep a join or leave notice of a crowded room for the next
-        presence notice (Room.gather_presence); each process gathers what the
-        channel brings.  False for any other frame."""
-        if b'"event":"join"' not in frame and b'"event":"leave"' not in frame:
-            return False  # not worth parsing (in a string, a quote is escaped)
+    def follow_names(self, frame: bytes) -> dict | None:
+        """Keep `names` as a join, leave or nick notice tells; return the
+        notice, or None for any other frame."""
+        if b'"event":"join"' not in frame and b'"event":"leave"' not in frame \
+                and b'"event":"nick"' not in frame:
+            return None  # not worth parsing (in a string, a quote is escaped)
         notice = json.loads(frame)
-        if notice.get("event") not in ("join", "leave"):
-            return False
-        self.total = notice["count"]
-        return self.gather_presence(notice["name"], notice["event"] == "join", self.total)
+        event = notice.get("event")
+        if event == "join":
+            self.names[fold(notice["name"])] = notice["name"]
+        elif event == "leave":
+            self.names.pop(fold(notice["name"]), None)
+        elif event == "nick":
+            self.names.pop(fold(notice["old"]), None)
+            self.names[fold(notice["name"])] = notice["name"]
+        else:
+            return None
+        return notice
+
+    def queue(self, frame: bytes) -> None:
+        """Queue `frame` for the members, and for newcomers already past
+        their join notice."""
+        self.pending.append(frame)
+        for admission in self.admissions.values():
+            if admission.passed.is_set():
+                admission.frames.append(frame)
+
+    def announce(self, frame: dict) -> None:
+        self.queue(encode(frame))
 
     def count(self) -> int:
-        return self.total
+        return len(self.names)
 
-    def resync(self, epoch: str, last_seq: int, frames: list[bytes]) -> None:
+    def resync(self, epoch: str, last_seq: int, frames: list[bytes], names: list[str]) -> None:
         """Take up Redis's state after a (re)subscription.
 
         The first time, the room starts at Redis's last seq.  After a
         reconnection, messages of the same epoch missed meanwhile are queued
-        from the history; another epoch is taken as it is.
+        from the history; another epoch is taken as it is.  Notices that
+        came before the sync point are applied to `names` again, which
+        changes nothing: the last notice about a name is already there.
         """
         if self.ever_synced and epoch == self.epoch:
             first = last_seq - len(frames) + 1
@@ -123,12 +170,15 @@ class SharedRoom(Room):
             self.seq = max(self.seq, last_seq)
         else:
             self.adopt(epoch, last_seq)
+        self.names = {fold(name): name for name in names}
         self.ever_synced = True
         self.synced.set()
         early, self.early = self.early, []
         for head, frame in early:
-            if head != b"-" or self.members:
+            if head.isdigit() or self.members or self.admissions:
                 self.published(head, frame)
+            else:
+                self.follow_names(frame.partition(b" ")[2] if head == b"j" else frame)
 
     def adopt(self, epoch: str, last_seq: int) -> None:
         """Start over at `last_seq` of `epoch`."""
@@ -309,32 +359,34 @@ keep_session(ARGV[5], KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
-# KEYS: seq, epoch, history.  ARGV: epoch, last seq known, room ttl (ms).
-# Returns {epoch, last seq, history}.
+# KEYS: seq, epoch, history, names.  ARGV: epoch, last seq known, room ttl
+# (ms).  Returns {epoch, last seq, history, names}.
 LUA_SYNC = LUA_COMMON + """
 local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])
-return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1)}
+return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1),
+        redis.call('HVALS', KEYS[4])}
 """
 
 # KEYS: seq, epoch, history, names, order, this process's rooms, the
 # session of the welcome's key, the session of the newcomer's key.
 # ARGV: channel, room, epoch, last seq known, the key of a welcome (or ""),
-# a new session id, ms a session is kept, then for each candidate name:
-# folded name, member value prefix (up to its session), join notice prefix.
-# The newcomer goes on with the session of the welcome's key if it is known,
-# else starts the new one.  The first candidate may be held by the member
-# with that key: it is taken over (`r PROC KEY NAME` tells its process to
-# close it).  Returns {0} if every candidate is taken, else {index of the
-# name taken, epoch, last seq, history, names, 1 if taken over else 0,
-# session}.
+# a new session id, ms a session is kept, the join's id, then for each
+# candidate name: folded name, member value prefix (up to its session), join
+# notice prefix.  The newcomer goes on with the session of the welcome's key
+# if it is known, else starts the new one.  The first candidate may be held
+# by the member with that key: it is taken over (`r PROC KEY NAME` tells its
+# process to close it).  The join notice goes out as `j ID NOTICE`: the
+# newcomer's process lets it in there.  Returns {0} if every candidate is
+# taken, else {index of the name taken, epoch, last seq, history, 1 if taken
+# over else 0, session}.
 LUA_JOIN = LUA_COMMON + """
 local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
 local key = ARGV[5]
 local session = redis.call('GET', KEYS[7]) or ARGV[6]  -- the welcome's, every round
-for i = 8, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   local held = redis.call('HGET', KEYS[4], ARGV[i])
   local old = nil
-  if held and i == 8 and key ~= '' and
+  if held and i == 9 and key ~= '' and
       string.find(held, '"key":"' .. key .. '"', 1, true) then
     old = cjson.decode(held)
   end
@@ -349,10 +401,9 @@ for i = 8, #ARGV, 3 do
       redis.call('PUBLISH', ARGV[1], 'r ' .. old.proc .. ' ' .. key .. ' ' .. ARGV[i])
       redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old.name, count - 1))
     end
-    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[i + 2] .. count .. '}')
-    return {(i - 5) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
-            redis.call('LRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4]),
-            old and 1 or 0, session}
+    redis.call('PUBLISH', ARGV[1], 'j ' .. ARGV[8] .. ' ' .. ARGV[i + 2] .. count .. '}')
+    return {(i - 6) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
+            redis.call('LRANGE', KEYS[3], 0, -1), old and 1 or 0, session}
   end
 end
 return {0}
@@ -557,40 +608,55 @@ class RedisRooms(Rooms):
             return await self.join_now(ticket)
 
     async def join_now(self, ticket: Ticket) -> tuple[Member, Outgoing]:
-        """Let a newcomer in: its name claimed in Redis, its welcome with
-        the whole room's names, and the history, from Redis, up to what this
-        process has delivered: later frames reach it by the fan-out, which
-        waits meanwhile."""
+        """Let a newcomer in: its name claimed in Redis, which announces it
+        on the room's channel.  Where that join notice passes here, the
+        newcomer comes in: its welcome names the room as of then, its history
+        (from Redis) ends there, and the fan-out brings it everything after.
+        The room's other members never wait for it."""
         if not self.up.is_set():
             raise Unavailable(BROKER_DOWN)
         wanted, notes = self.chat.newcomer_name(ticket.room, ticket.name)
         room = self.chat.open_room(ticket.room, ticket.address, SharedRoom, ticket.reservation)
-        with self.fanout.joining(room):
-            try:
-                await self.enter(room)
-                key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
-                name, claim = await self.claim(room, wanted, key, ticket.key)
-                epoch, last_seq, frames, values, taken_over, session = claim
-                if epoch.decode() != room.epoch:
-                    room.adopt(epoch.decode(), int(last_seq))
-                if taken_over:
-                    self.evict(room, fold(name), ticket.key)
-                member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
-                                refilled_at=self.chat.clock(), key=key,
-                                previous_key=ticket.key, session=session.decode())
-                room.members[fold(name)] = member
-            finally:
-                self.forget_if_empty(room)
+        join_id = secrets.token_hex(8).encode()
+        admission = room.admissions[join_id] = Admission()
+        try:
+            await self.enter(room)
+            key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
+            name, claim = await self.claim(room, wanted, key, ticket.key, join_id)
+            epoch, last_seq, frames, taken_over, session = claim
+            member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
+                            refilled_at=self.chat.clock(), key=key,
+                            previous_key=ticket.key, session=session.decode())
+            await self.admitted(room, admission, member)
+            if epoch.decode() != room.epoch:
+                room.adopt(epoch.decode(), int(last_seq))
+            if taken_over:
+                self.evict(room, fold(name), ticket.key)
+            self.fanout.flush(room)  # up to now: to the others; the newcomer has it
+            room.members[fold(name)] = member
+        finally:
+            del room.admissions[join_id]
+            self.forget_if_empty(room)
         since = ticket.since if ticket.epoch == room.epoch else None
-        missed, history = history_window(int(last_seq), frames, room.delivered_seq, since)
-        return member, newcomer_frames(member, online_names(values), notes, missed, history)
+        missed, history = history_window(int(last_seq), frames, int(last_seq), since)
+        out = newcomer_frames(member, admission.online, notes, missed, history, int(last_seq))
+        return member, out + [(member, frame) for frame in admission.frames]
+
+    async def admitted(self, room: SharedRoom, admission: Admission, member: Member) -> None:
+        """Wait until the newcomer's join notice has come back on the
+        channel; if it does not, give its name back and let it try again."""
+        try:
+            await asyncio.wait_for(admission.passed.wait(), ADMISSION_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.spawn(self.leave_redis(room, member, False))
+            raise Unavailable(BROKER_DOWN) from None
 
     def leave(self, member: Member) -> None:
         room = member.room
         if not member.is_here():
             return
         del room.members[fold(member.name)]
-        last_here = not room.members and not room.joining
+        last_here = not room.members and not room.admissions
         self.spawn(self.leave_redis(room, member, last_here))
         self.forget_if_empty(room)
 
@@ -647,7 +713,8 @@ class RedisRooms(Rooms):
             # made the rename fail): its leave took the old name away, so the
             # new one must go too, or it is held for ever.
             member.name = new
-            self.spawn(self.leave_redis(room, member, not room.members and not room.joining))
+            self.spawn(self.leave_redis(room, member,
+                                        not room.members and not room.admissions))
         return None
 
     async def recall(self, member: Member, cid: str) -> Acked | None:
@@ -662,12 +729,12 @@ class RedisRooms(Rooms):
                          int(CID_MEMORY_S * 1000), self.session_ttl_ms])
 
     async def claim(self, room: SharedRoom, wanted: str | None, key: str,
-                    taking_over: str | None) -> tuple[str, list]:
+                    taking_over: str | None, join_id: bytes) -> tuple[str, list]:
         """Claim `wanted` or the first free of its suffixed variants (or a
         guest name) in Redis, announcing the join; `wanted` held by the
         member whose key is `taking_over` is taken from it.  Returns the name
-        and the room's epoch, last seq, history, names, whether it was
-        taken over, and the newcomer's session."""
+        and the room's epoch, last seq, history, whether it was taken over,
+        and the newcomer's session."""
         start = 1
         while True:
             if wanted is None:
@@ -676,7 +743,7 @@ class RedisRooms(Rooms):
                 names = name_candidates(wanted, start, NAME_CANDIDATES)
             args = [self.channel(room.name), room.name, room.epoch, room.seq,
                     taking_over if start == 1 and taking_over else "",
-                    secrets.token_urlsafe(16), self.session_ttl_ms]
+                    secrets.token_urlsafe(16), self.session_ttl_ms, join_id]
             for name in names:
                 args += [fold(name), self.member_value(name, key, None),
                          frame_prefix(joined(room.name, name, 0), "count")]
@@ -719,19 +786,19 @@ class RedisRooms(Rooms):
         """The sync point, once the subscription is confirmed: Redis's last
         seq, and what was missed since the last time."""
         try:
-            epoch, last_seq, frames = await self.call(
-                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history"),
+            epoch, last_seq, frames, values = await self.call(
+                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history", "names"),
                 [room.epoch, room.seq, self.room_ttl_ms])
         except Unavailable:
             return  # the next connection syncs again
         if self.channels.get(self.channel(room.name).encode()) is room:
-            room.resync(epoch.decode(), int(last_seq), frames)
+            room.resync(epoch.decode(), int(last_seq), frames, online_names(values))
             self.fanout.publish(room)
             self.forget_if_empty(room)
 
     def forget_if_empty(self, room: SharedRoom) -> None:
         """Drop a room nobody here is in (or entering) and unsubscribe."""
-        if room.members or room.joining or not room.synced.is_set():
+        if room.members or room.admissions or not room.synced.is_set():
             return  # wait for the subscription's confirmation before undoing it
         if self.chat.rooms.get(room.name) is room:
             self.chat.forget_room(room.name)
@@ -787,7 +854,7 @@ class RedisRooms(Rooms):
                         if len(parts) == 3 and parts[0] == self.proc:
                             self.evict(room, parts[2], parts[1])
                         continue
-                    if head != b"-" and not head.isdigit():
+                    if head not in (b"-", b"j") and not head.isdigit():
                         log.warning("broker: ignoring a foreign message on %r", channel)
                         continue
                     room.published(head, frame)

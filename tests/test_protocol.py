@@ -11,7 +11,7 @@ import random
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import each_backend, http_get
+from conftest import http_get
 
 async def test_lobby_is_the_default_room_and_the_welcome_comes_first(chat):
     alice = await chat.join("", name="alice")
@@ -99,10 +99,6 @@ async def test_rooms_stay_apart_with_members_of_both_on_every_process(chat):
     assert [f["name"] for f in seen["xa"] if f.get("event") == "nick"] == ["xb2"]
 
 
-@each_backend(redis=pytest.mark.xfail(strict=True, reason=(
-    "issue 17 (9): with --broker, a join notice published before a newcomer's join "
-    "reaches it after its welcome (whose online list already has that name) when it "
-    "arrives while the newcomer's join is in flight, as it does for concurrent joins")))
 async def test_newcomers_joining_together_get_no_notice_from_before_their_welcome(chat):
     room = chat.room("together")
     await chat.join(room, name="first")
@@ -446,9 +442,6 @@ async def test_a_client_back_with_its_key_takes_its_name_from_its_old_connection
     assert (await bob.expect(type="user"))["id"] == "alice"
 
 
-@each_backend(redis=pytest.mark.xfail(strict=True, reason=(
-    "issue 17 (9): with --broker, the take-over's leave notice for the old connection is "
-    "published in the join script and reaches the newcomer after its welcome")))
 async def test_a_replaced_only_member_keeps_its_room_even_with_room_ttl_0(start_chat):
     chat = await start_chat(room_ttl=0)
     room = chat.room("solo")

@@ -71,7 +71,7 @@ def test_shared_room_skips_what_it_had_before_the_sync_point():
     room = SharedRoom("lobby", 100)
     room.published(b"3", b"three")  # before the sync: waits
     room.published(b"4", b"four")
-    room.resync("e1", 3, [b"one", b"two", b"three"])
+    room.resync("e1", 3, [b"one", b"two", b"three"], [])
     assert room.epoch == "e1" and room.pending == [b"four"]
     room.published(b"4", b"four")  # a duplicate
     room.published(b"-", b"notice")
@@ -79,7 +79,7 @@ def test_shared_room_skips_what_it_had_before_the_sync_point():
     assert room.delivered_seq == 4
     # Reconnected: what was missed meanwhile comes from the history.
     room.synced.clear()
-    room.resync("e1", 6, [b"four", b"five", b"six"])
+    room.resync("e1", 6, [b"four", b"five", b"six"], [])
     assert room.pending == [b"five", b"six"] and room.seq == 6
 
 
