@@ -1028,6 +1028,12 @@ class Unavailable(Exception):
     the client gets an error, or, while joining, a close with 1013."""
 
 
+class Unconfirmed(Unavailable):
+    """The back-end may have carried the request out, or not (Redis did not
+    answer).  The client is closed with 1013 rather than told "not sent": it
+    reconnects and resends its unacked lines, and their cids make that safe."""
+
+
 class Rooms:
     """What the connection layer needs from where rooms live.
 
@@ -1125,6 +1131,9 @@ class Rooms:
                 if acked is not None:
                     return [(member, encode(ack(room, cid, acked.seq)))]
             frames, seq, problem = await self.carry_out(member, decision, cid)
+        except Unconfirmed as exc:
+            member.connection.close(CLOSE_TRY_AGAIN, str(exc)[:100])
+            return []
         except Unavailable as exc:
             frames, seq, problem = [], None, str(exc)
         if problem is not None:

@@ -41,20 +41,30 @@ import weakref
 
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
                         Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
-                        Ticket, Unavailable, chat, encode, fold, joined, left,
+                        Ticket, Unavailable, Unconfirmed, chat, encode, fold, joined, left,
                         newcomer_frames, renamed, safe_url, session_keep_s)
 
 log = logging.getLogger("chatserver")
 
-REDIS_TIMEOUT_S = 2.0  # a Redis command that takes longer has failed
-REDIS_CONNECTIONS = 32  # per process, the subscriber's included
+# Redis being slow is not Redis being gone.  Only the heartbeat, on a
+# connection of its own, decides that Redis is gone: two beats in a row
+# fail or go unanswered.  Other commands wait as long as their connection
+# lives; one that gets no answer (gone, or given up on) was maybe carried
+# out, and its client is closed so that it resends with its cid.
+REDIS_TIMEOUT_S = 2.0  # to connect, and to wait for a subscription or a sync
+REDIS_GIVE_UP_S = 15.0  # a command unanswered this long is given up on
+REDIS_CONNECTIONS = 32  # per process, for commands
 HEARTBEAT_INTERVAL_S = 2.0
+HEARTBEAT_TIMEOUT_S = 2.0  # a beat unanswered this long failed
+HEARTBEAT_MISSES = 2  # beats failed in a row: Redis is gone
 HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
+SWEPT_MARK_S = 3600  # how long a swept process's mark stays, for it to see
 RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
 RECONNECT_MAX_S = 3.0  # ...doubling up to this
 ADMISSION_TIMEOUT_S = 10.0  # a newcomer's join notice must come back on the channel by then
 NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
 BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
+UNCONFIRMED = "the message broker did not answer; reconnect: unacked lines may not have been sent"
 
 
 @dataclasses.dataclass(eq=False)
@@ -451,20 +461,26 @@ return 1
 
 # Make the names a process holds in a room exactly its members there: after
 # Redis came back (maybe empty), or after the process was taken for dead.
-# Re-registered names are not announced: the others never saw them go.
-# KEYS: seq, epoch, history, names, order, this process's rooms.
-# ARGV: channel, room, process, room ttl (ms), epoch ("" if none), last seq
-# known, then for each member: folded name, member value prefix.
-# Returns the folded names someone else took meanwhile.
+# A name put back is announced with a join notice only if the process was
+# swept (its mark is there): then the room saw it leave; after Redis lost
+# its data, nobody saw anything.
+# KEYS: seq, epoch, history, names, order, this process's rooms, its swept
+# mark.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
+# last seq known, then for each member: folded name, member value prefix,
+# join notice prefix.  Returns the folded names someone else took meanwhile.
 LUA_RECONCILE = LUA_COMMON + """
 local mine = {}
-for i = 7, #ARGV, 2 do mine[ARGV[i]] = ARGV[i + 1] end
+for i = 7, #ARGV, 3 do mine[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
 remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
+local swept = redis.call('EXISTS', KEYS[7]) == 1
 local taken = {}
-for folded, prefix in pairs(mine) do
+for folded, parts in pairs(mine) do
   local value = redis.call('HGET', KEYS[4], folded)
   if not value then
-    redis.call('HSET', KEYS[4], folded, prefix .. redis.call('INCR', KEYS[5]) .. '}')
+    redis.call('HSET', KEYS[4], folded, parts[1] .. redis.call('INCR', KEYS[5]) .. '}')
+    if swept then
+      redis.call('PUBLISH', ARGV[1], '- ' .. parts[2] .. redis.call('HLEN', KEYS[4]) .. '}')
+    end
   elseif not string.find(value, '"proc":"' .. ARGV[3] .. '"', 1, true) then
     table.insert(taken, folded)
   end
@@ -486,13 +502,16 @@ return taken
 """
 
 # Remove the names of dead processes (no heartbeat key), each with its leave
-# notice, and forget the processes.  KEYS: the set of processes.  ARGV: DB
-# number (for channel names), room ttl (ms), a process to remove now even if
-# alive ("" if none: on a clean shutdown).  Returns how many names went.
+# notice, mark them swept, and forget them.  KEYS: the set of processes.
+# ARGV: DB number (for channel names), room ttl (ms), a process to remove
+# now even if alive ("" if none: on a clean shutdown, unmarked), the
+# sweeping process (never swept by itself), ms the mark stays.  Returns how
+# many names went.
 LUA_SWEEP = LUA_COMMON + """
 local swept = 0
 for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if proc == ARGV[3] or redis.call('EXISTS', 'chat:proc:' .. proc) == 0 then
+  local dead = proc ~= ARGV[4] and redis.call('EXISTS', 'chat:proc:' .. proc) == 0
+  if proc == ARGV[3] or dead then
     local rooms_key = 'chat:proc:' .. proc .. ':rooms'
     for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
       local before = redis.call('HLEN', room_key(room, 'names'))
@@ -505,6 +524,9 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
     redis.call('SREM', KEYS[1], proc)
+    if dead then
+      redis.call('SET', 'chat:proc:' .. proc .. ':swept', 1, 'PX', ARGV[5])
+    end
   end
 end
 return swept
@@ -516,10 +538,12 @@ class RedisRooms(Rooms):
 
     What goes to a room goes through Redis and comes back on the room's
     channel, to every process with members there.  A message is acked once
-    it is in Redis.  If Redis goes away, clients stay connected and their
-    lines get an error; the broker reconnects with backoff and, once back,
-    resubscribes, catches up with the rooms' seq and re-registers its
-    members' names.
+    it is in Redis.  Three connections of its own: a pool for commands, the
+    subscriber (no read timeout: a quiet room is not a lost Redis) and the
+    heartbeat, which alone decides that Redis is gone.  Then clients stay
+    connected and their lines get an error; the broker reconnects with
+    backoff and, once back, resubscribes, catches up with the rooms' seq and
+    re-registers its members' names.
     """
 
     def __init__(self, chat: Chat, fanout: Fanout, config: Config) -> None:
@@ -535,17 +559,19 @@ class RedisRooms(Rooms):
         self.db = 0
         self.channels: dict[bytes, SharedRoom] = {}
         self.control = b""  # a channel of our own: confirms each (re)connection
-        self.client = None  # redis.asyncio.Redis
+        self.client = None  # redis.asyncio.Redis: commands
+        self.listener = None  # the subscriber's
+        self.pulse = None  # the heartbeat's
         self.pubsub = None
         self.errors: tuple[type[BaseException], ...] = (OSError,)
         self.up = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.follower: asyncio.Task | None = None
         self.beater: asyncio.Task | None = None
-        self.beats = 0
-        # A join storm must not take every pooled connection: posts,
-        # heartbeats and leaves need some too, or they time out and the
-        # broker is taken for lost.
+        self.sweeper: asyncio.Task | None = None
+        self.beat_now = asyncio.Event()  # a command failed: is Redis gone?
+        # A join storm must not take every pooled connection: posts and
+        # leaves need some too.
         self.join_slots = asyncio.Semaphore(REDIS_CONNECTIONS // 4)
         self.posted: weakref.WeakKeyDictionary[Member, int] = weakref.WeakKeyDictionary()
 
@@ -553,10 +579,16 @@ class RedisRooms(Rooms):
 
     async def start(self) -> None:
         """Connect to Redis; raise Unavailable if it cannot be reached."""
+        import redis
         import redis.exceptions
 
         self.errors = (redis.exceptions.RedisError, OSError)
+        self.no_answer = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                          OSError, asyncio.TimeoutError)
         self.client = await connect_redis(self.url)
+        self.listener = await connect_redis(self.url, connections=1, read_timeout=None)
+        self.pulse = await connect_redis(self.url, connections=1,
+                                         read_timeout=HEARTBEAT_TIMEOUT_S)
         self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
         self.control = f"chat:{self.db}:proc:{self.proc}".encode()
         script = self.client.register_script
@@ -566,13 +598,15 @@ class RedisRooms(Rooms):
         self.sweep_script, self.remember_script = script(LUA_SWEEP), script(LUA_REMEMBER)
         self.follower = asyncio.create_task(self.follow())
         self.beater = asyncio.create_task(self.beat())
+        self.sweeper = asyncio.create_task(self.sweep_dead())
         try:
             await asyncio.wait_for(self.up.wait(), REDIS_TIMEOUT_S * 2)
         except asyncio.TimeoutError:
             await self.close()
             raise Unavailable(f"the message broker at {safe_url(self.url)} "
                               "does not answer") from None
-        log.info("broker %s: process %s", safe_url(self.url), self.proc)
+        log.info("broker %s: process %s (redis-py %s)", safe_url(self.url), self.proc,
+                 redis.__version__)
 
     async def close(self) -> None:
         """Say goodbye for our members (leave notices), then disconnect."""
@@ -580,17 +614,19 @@ class RedisRooms(Rooms):
             await asyncio.wait(self.tasks, timeout=REDIS_TIMEOUT_S)
         if self.up.is_set():
             try:  # whoever is left: their names go, with leave notices
-                await self.sweep_script(keys=["chat:procs"],
-                                        args=[self.db, self.room_ttl_ms, self.proc])
-            except self.errors as exc:
+                async with asyncio.timeout(REDIS_TIMEOUT_S):
+                    await self.sweep_script(keys=["chat:procs"],
+                                            args=[self.db, self.room_ttl_ms, self.proc, "", 1])
+            except (*self.errors, asyncio.TimeoutError) as exc:
                 log.warning("broker: could not remove our names: %s", exc)
-        tasks = [task for task in (self.follower, self.beater) if task]
+        tasks = [task for task in (self.follower, self.beater, self.sweeper) if task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.set_up(False)
-        if self.client is not None:
-            await self.client.aclose()
+        for client in (self.client, self.listener, self.pulse):
+            if client is not None:
+                await client.aclose()
 
     def health(self) -> str | None:
         return None if self.up.is_set() else "the message broker is down"
@@ -814,7 +850,7 @@ class RedisRooms(Rooms):
         """Read the channels; reconnect with backoff whenever Redis goes."""
         delay = RECONNECT_MIN_S
         while True:
-            pubsub = self.client.pubsub()
+            pubsub = self.listener.pubsub()
             try:
                 for room in self.channels.values():
                     room.synced.clear()
@@ -862,7 +898,7 @@ class RedisRooms(Rooms):
             elif message["type"] == "subscribe":
                 if channel == self.control:
                     self.set_up(True)
-                    self.spawn(self.recover())
+                    self.spawn(self.reconcile_all())
                 elif channel in self.channels:
                     self.spawn(self.sync(self.channels[channel]))
 
@@ -877,9 +913,14 @@ class RedisRooms(Rooms):
         self.forget_if_empty(room)
 
     def lost(self, exc: BaseException) -> None:
+        """Redis is gone: every command waiting for it fails now, and the
+        subscriber reconnects (one path for every way back)."""
         if self.up.is_set():
             log.warning("message broker %s lost: %s; reconnecting", safe_url(self.url), exc)
         self.set_up(False)
+        if self.pubsub is not None and self.pubsub.connection is not None:
+            self.spawn(self.pubsub.connection.disconnect())
+        self.spawn(self.client.connection_pool.disconnect())
 
     def set_up(self, up: bool) -> None:
         if up and not self.up.is_set():
@@ -887,27 +928,31 @@ class RedisRooms(Rooms):
         self.up.set() if up else self.up.clear()
 
     async def call(self, command, *args):
-        """Run one Redis command; Unavailable if it fails, and then
-        reconnect (the subscriber connection goes too, so that recovery takes
-        one path)."""
+        """Run one Redis command, however slow, and return its answer.
+        Unavailable if Redis is known to be gone (nothing was sent) or
+        refused it; Unconfirmed if it got no answer (it may have run)."""
         if not self.up.is_set():
             raise Unavailable(BROKER_DOWN)
         try:
-            return await command(*args)
+            async with asyncio.timeout(REDIS_GIVE_UP_S):
+                return await command(*args)
+        except self.no_answer as exc:
+            self.beat_now.set()  # is Redis gone?
+            raise Unconfirmed(UNCONFIRMED) from exc
         except self.errors as exc:
-            self.lost(exc)
-            if self.pubsub is not None and self.pubsub.connection is not None:
-                self.spawn(self.pubsub.connection.disconnect())
-            raise Unavailable(BROKER_DOWN) from exc
+            raise Unavailable(f"the message broker refused it ({exc}); "
+                              "your message was not sent") from exc
 
-    async def recover(self) -> None:
-        """After (re)connecting: our heartbeat, and our names as they are here."""
+    async def reconcile_all(self) -> None:
+        """Our names in Redis, as they are here: after (re)connecting, and
+        after our heartbeat key was found gone (this process stalled)."""
         try:
-            await self.heartbeat(reconcile=False)
+            await self.call(self.heartbeat)  # first: or we could be swept again
             rooms = {name.decode() for name in
                      await self.call(self.client.smembers, self.proc_rooms_key)}
             for name in rooms | set(self.chat.rooms):
                 await self.reconcile(name)
+            await self.call(self.client.delete, f"{self.proc_key}:swept")
         except Unavailable:
             pass
 
@@ -917,11 +962,12 @@ class RedisRooms(Rooms):
                 room.epoch if room else "", room.seq if room else 0]
         for member in (room.members.values() if room else ()):
             args += [fold(member.name),
-                     self.member_value(member.name, member.key, member.session)]
+                     self.member_value(member.name, member.key, member.session),
+                     frame_prefix(joined(room_name, member.name, 0), "count")]
         taken = await self.call(
             self.reconcile_script,
             self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
-            + [self.proc_rooms_key], args)
+            + [self.proc_rooms_key, f"{self.proc_key}:swept"], args)
         for folded in taken:
             # Someone else holds the name now (maybe this client, back on a
             # new connection): two members of one name must not be.
@@ -935,29 +981,55 @@ class RedisRooms(Rooms):
             self.forget_if_empty(room)
 
     async def beat(self) -> None:
+        """The heartbeat, on its own connection and task, so that no load
+        starves it: say we are alive every HEARTBEAT_INTERVAL_S, and decide
+        that Redis is gone after HEARTBEAT_MISSES failed beats in a row."""
+        misses, beats = 0, 0
+        while True:
+            try:
+                async with asyncio.timeout(HEARTBEAT_TIMEOUT_S):
+                    alive = await self.heartbeat()
+            except (*self.errors, asyncio.TimeoutError) as exc:
+                misses += 1
+                if misses >= HEARTBEAT_MISSES:
+                    self.lost(exc)
+                    with contextlib.suppress(*self.errors):
+                        await self.pulse.connection_pool.disconnect()
+            except Exception:
+                log.exception("broker: heartbeat failed")
+            else:
+                misses, beats = 0, beats + 1
+                if not alive and beats > 1 and self.up.is_set():
+                    # Our key expired: this process stalled, and the others
+                    # may have swept our names.  Put them back, announced.
+                    log.warning("broker: our heartbeat key was gone; "
+                                "registering our names again")
+                    self.spawn(self.reconcile_all())
+            self.beat_now.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.beat_now.wait(),
+                                       HEARTBEAT_INTERVAL_S if not misses else 0.2)
+
+    async def heartbeat(self) -> bool:
+        """Say we are alive; False if our key was gone."""
+        pipe = self.pulse.pipeline(transaction=False)
+        pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
+        pipe.sadd("chat:procs", self.proc)
+        previous, _ = await pipe.execute()
+        return previous is not None
+
+    async def sweep_dead(self) -> None:
+        """Remove the names of dead processes, every HEARTBEAT_INTERVAL_S."""
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
-                await self.heartbeat()
                 await self.call(self.sweep_script, ["chat:procs"],
-                                [self.db, self.room_ttl_ms, ""])
+                                [self.db, self.room_ttl_ms, "", self.proc,
+                                 SWEPT_MARK_S * 1000])
             except Unavailable:
                 pass
             except Exception:
-                log.exception("broker: heartbeat failed")
-
-    async def heartbeat(self, reconcile: bool = True) -> None:
-        """Say we are alive.  If our key had expired (this process stalled,
-        or Redis lost it), others may have removed our names: put them back."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.proc_key, 1, px=int(HEARTBEAT_TTL_S * 1000), get=True)
-        pipe.sadd("chat:procs", self.proc)
-        previous, _ = await self.call(pipe.execute)
-        self.beats += 1
-        if previous is None and self.beats > 1 and reconcile:
-            log.warning("broker: our heartbeat key was gone; registering our names again")
-            for name in list(self.chat.rooms):
-                await self.reconcile(name)
+                log.exception("broker: sweeping dead processes failed")
 
     # Helpers
 
@@ -995,9 +1067,12 @@ class RedisRooms(Rooms):
                 f"chat:key:{member.key}"]
 
 
-async def connect_redis(url: str):
-    """A redis.asyncio client for `url` that has answered a PING; raise
-    Unavailable with a one-line reason if there is none."""
+async def connect_redis(url: str, connections: int = REDIS_CONNECTIONS,
+                        read_timeout: float | None = None):
+    """A redis.asyncio client for `url` with a pool of `connections`, that
+    has answered a PING; raise Unavailable with a one-line reason if there is
+    none.  Commands wait for a free connection, and for their answer up to
+    `read_timeout` (None: as long as the connection lives)."""
     import redis.asyncio
     import redis.exceptions
     from redis.asyncio.retry import Retry
@@ -1008,11 +1083,12 @@ async def connect_redis(url: str):
         # At most REDIS_CONNECTIONS: a burst of lines waits for one rather
         # than opening a connection per sender.
         client = redis.asyncio.Redis.from_pool(redis.asyncio.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+            url, max_connections=connections, timeout=None,
+            socket_timeout=read_timeout, socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0)))  # the broker retries itself, with backoff
-        await client.ping()
-    except (redis.exceptions.RedisError, OSError, ValueError) as exc:
+        async with asyncio.timeout(REDIS_TIMEOUT_S):
+            await client.ping()
+    except (redis.exceptions.RedisError, OSError, ValueError, asyncio.TimeoutError) as exc:
         if client is not None:
             await client.aclose()
         raise Unavailable(f"cannot reach the message broker at {safe_url(url)}: "

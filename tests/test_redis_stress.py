@@ -5,14 +5,18 @@ redis-server while Redis is far away or frozen, while a process is frozen
 from __future__ import annotations
 
 import asyncio
+import configparser
 import contextlib
+import json
+import re
 import signal
 import time
 
+import pytest
 from websockets.asyncio.client import connect
 
-from conftest import chat_lines, free_port, join
-from test_redis import FAST
+from conftest import ROOT, chat_lines, free_port, in_ci, join
+from test_redis import FAST, cluster  # noqa: F401  (a fixture)
 
 
 class DelayRelay:
@@ -136,3 +140,78 @@ async def test_resuming_at_a_process_that_lags_gives_no_duplicates(redis_server,
         frames = await reader.recv_until(lambda f: f.get("message") == "after")
         assert [(f["seq"], f["message"]) for f in frames if f["type"] == "user"] == [
             (last + 1, "after")]
+
+
+async def test_a_slow_redis_is_not_a_lost_one(cluster, redis_server):
+    """Item 2: Redis frozen for 3 s (longer than the 2 s after which any
+    command used to count as a lost Redis): lines sent meanwhile are acked
+    once it answers, none is reported unsent, none is doubled."""
+    a, b = cluster(2)
+    alice = await join(a.url, "slow", name="alice", acks=1)
+    bob = await join(b.url, "slow", name="bob")
+    with frozen(redis_server):
+        for n in range(5):
+            await alice.send(json.dumps({"cid": f"c{n}", "line": f"slow {n}"}))
+        await asyncio.sleep(3)
+    frames = []
+    while len([f for f in frames if f.get("event") == "ack"]) < 5:
+        frames.append(await alice.recv())
+        assert frames[-1].get("event") != "error", frames[-1]
+    assert [seq for seq, _, _ in await chat_lines(bob, 5)] == list(range(1, 6))
+    await alice.send(json.dumps({"cid": "c0", "line": "slow 0"}))  # a resend: acked, not posted
+    assert (await alice.expect(event="ack"))["seq"] == 1
+    for process in (a, b):
+        assert " lost" not in process.stderr(), process.stderr()
+
+
+async def test_a_process_taken_for_dead_comes_back_announced(cluster):
+    """Item 6: a process frozen past its heartbeat's 6 s is swept by the
+    others (its members' leave notices); once it thaws, its members are back
+    with join notices, so nobody sees a member chat after leaving."""
+    a, b = cluster(2)
+    carol = await join(a.url, "thaw", name="carol")
+    bob = await join(b.url, "thaw", name="bob")
+    await carol.expect(event="join", name="bob")
+    with frozen(a):
+        await bob.recv_until(lambda f: f.get("event") == "leave" and f["name"] == "carol",
+                             timeout=15)
+    await bob.recv_until(lambda f: f.get("event") == "join" and f["name"] == "carol",
+                         timeout=10)
+    await carol.send("still here")
+    assert await chat_lines(bob, 1) == [(1, "carol", "still here")]
+    await bob.send("/who")
+    assert (await bob.expect(event="who"))["online"] == ["bob", "carol"]
+
+
+async def test_an_idle_server_on_the_oldest_redis_package_keeps_its_broker(
+        redis_server, run_process, monkeypatch):
+    """Item 7: redis-py before the fix of its issue #4098 times a blocking
+    subscriber read out after socket_timeout, and a quiet server lost its
+    broker every couple of seconds.  Run on the oldest version setup.cfg
+    accepts (.ci/setup installs it under build/)."""
+    oldest = oldest_redis_package()
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "build" / f"redis-{oldest}"))
+    a = run_process("--broker", redis_server.url, *FAST)
+    b = run_process("--broker", redis_server.url, *FAST)
+    alice = await join(a.url, "idle", name="alice")
+    bob = await join(b.url, "idle", name="bob")
+    await asyncio.sleep(7)  # quiet: three times the old timeout
+    await alice.send("still there")
+    assert await chat_lines(bob, 1) == [(1, "alice", "still there")]
+    for process in (a, b):
+        assert f"(redis-py {oldest})" in process.stderr()
+        assert " lost" not in process.stderr(), process.stderr()
+
+
+def oldest_redis_package() -> str:
+    """The oldest redis package setup.cfg accepts; it must be installed
+    under build/ (a failure under CI=true, else a skip)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    oldest = re.search(r"redis>=([\d.]+)", config["options.extras_require"]["redis"]).group(1)
+    if not (ROOT / "build" / f"redis-{oldest}" / "redis").is_dir():
+        message = f"redis {oldest} is not installed under build/ (bash .ci/setup does it)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return oldest
