@@ -41,7 +41,7 @@ import weakref
 
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
                         Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
-                        Ticket, Unavailable, Unconfirmed, chat, encode, fold, joined, left,
+                        Ticket, Unavailable, Unconfirmed, chat, encode, fold, gap, joined, left,
                         newcomer_frames, renamed, safe_url, session_keep_s)
 
 log = logging.getLogger("chatserver")
@@ -58,7 +58,6 @@ HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TIMEOUT_S = 2.0  # a beat unanswered this long failed
 HEARTBEAT_MISSES = 2  # beats failed in a row: Redis is gone
 HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
-SWEPT_MARK_S = 3600  # how long a swept process's mark stays, for it to see
 RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
 RECONNECT_MAX_S = 3.0  # ...doubling up to this
 ADMISSION_TIMEOUT_S = 10.0  # a newcomer's join notice must come back on the channel by then
@@ -162,17 +161,25 @@ class SharedRoom(Room):
     def count(self) -> int:
         return len(self.names)
 
-    def resync(self, epoch: str, last_seq: int, frames: list[bytes], names: list[str]) -> None:
-        """Take up Redis's state after a (re)subscription.
+    def resync(self, epoch: str, last_seq: int, frames: list[bytes], names: list[str]) -> int:
+        """Take up Redis's state after a (re)subscription; return how many
+        messages were missed for good.
 
         The first time, the room starts at Redis's last seq.  After a
-        reconnection, messages of the same epoch missed meanwhile are queued
-        from the history; another epoch is taken as it is.  Notices that
-        came before the sync point are applied to `names` again, which
-        changes nothing: the last notice about a name is already there.
+        reconnection (Redis went, or dropped a subscriber that lagged), the
+        joins and leaves missed meanwhile are announced, and messages of the
+        same epoch missed are queued from the history, after a `gap` notice
+        for those no longer kept; another epoch is taken as it is.
+        Notices that came before the sync point are applied to `names` again,
+        which changes nothing: the last notice about a name is already there.
         """
+        self.follow_all_names(names)
+        missed = 0
         if self.ever_synced and epoch == self.epoch:
             first = last_seq - len(frames) + 1
+            missed = max(0, first - self.seq - 1)
+            if missed:
+                self.announce(gap(self.name, missed))
             for seq, data in enumerate(frames, first):
                 if seq > self.seq:
                     self.pending.append(data)
@@ -180,7 +187,6 @@ class SharedRoom(Room):
             self.seq = max(self.seq, last_seq)
         else:
             self.adopt(epoch, last_seq)
-        self.names = {fold(name): name for name in names}
         self.ever_synced = True
         self.synced.set()
         early, self.early = self.early, []
@@ -189,6 +195,19 @@ class SharedRoom(Room):
                 self.published(head, frame)
             else:
                 self.follow_names(frame.partition(b" ")[2] if head == b"j" else frame)
+        return missed
+
+    def follow_all_names(self, names: list[str]) -> None:
+        """Take the room's names from Redis; after a reconnection, announce
+        the joins and leaves the channel did not bring meanwhile."""
+        before, self.names = self.names, {fold(name): name for name in names}
+        if not self.ever_synced:
+            return
+        changes = [(name, False) for folded, name in before.items() if folded not in self.names]
+        changes += [(name, True) for folded, name in self.names.items() if folded not in before]
+        for name, here in changes:
+            if not self.gather_presence(name, here, self.count()):
+                self.announce((joined if here else left)(self.name, name, self.count()))
 
     def adopt(self, epoch: str, last_seq: int) -> None:
         """Start over at `last_seq` of `epoch`."""
@@ -461,26 +480,22 @@ return 1
 
 # Make the names a process holds in a room exactly its members there: after
 # Redis came back (maybe empty), or after the process was taken for dead.
-# A name put back is announced with a join notice only if the process was
-# swept (its mark is there): then the room saw it leave; after Redis lost
-# its data, nobody saw anything.
-# KEYS: seq, epoch, history, names, order, this process's rooms, its swept
-# mark.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
+# A name put back is announced with a join notice: the room saw it leave
+# (the process was swept), or, after Redis lost its data, may have (a
+# process that synced meanwhile announced what it found gone).
+# KEYS: seq, epoch, history, names, order, this process's rooms.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
 # last seq known, then for each member: folded name, member value prefix,
 # join notice prefix.  Returns the folded names someone else took meanwhile.
 LUA_RECONCILE = LUA_COMMON + """
 local mine = {}
 for i = 7, #ARGV, 3 do mine[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
 remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
-local swept = redis.call('EXISTS', KEYS[7]) == 1
 local taken = {}
 for folded, parts in pairs(mine) do
   local value = redis.call('HGET', KEYS[4], folded)
   if not value then
     redis.call('HSET', KEYS[4], folded, parts[1] .. redis.call('INCR', KEYS[5]) .. '}')
-    if swept then
-      redis.call('PUBLISH', ARGV[1], '- ' .. parts[2] .. redis.call('HLEN', KEYS[4]) .. '}')
-    end
+    redis.call('PUBLISH', ARGV[1], '- ' .. parts[2] .. redis.call('HLEN', KEYS[4]) .. '}')
   elseif not string.find(value, '"proc":"' .. ARGV[3] .. '"', 1, true) then
     table.insert(taken, folded)
   end
@@ -502,16 +517,15 @@ return taken
 """
 
 # Remove the names of dead processes (no heartbeat key), each with its leave
-# notice, mark them swept, and forget them.  KEYS: the set of processes.
-# ARGV: DB number (for channel names), room ttl (ms), a process to remove
-# now even if alive ("" if none: on a clean shutdown, unmarked), the
-# sweeping process (never swept by itself), ms the mark stays.  Returns how
-# many names went.
+# notice, and forget them.  KEYS: the set of processes.  ARGV: DB number
+# (for channel names), room ttl (ms), a process to remove now even if alive
+# ("" if none: on a clean shutdown), the sweeping process (never swept by
+# itself).  Returns how many names went.
 LUA_SWEEP = LUA_COMMON + """
 local swept = 0
 for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local dead = proc ~= ARGV[4] and redis.call('EXISTS', 'chat:proc:' .. proc) == 0
-  if proc == ARGV[3] or dead then
+  if proc == ARGV[3] or
+      (proc ~= ARGV[4] and redis.call('EXISTS', 'chat:proc:' .. proc) == 0) then
     local rooms_key = 'chat:proc:' .. proc .. ':rooms'
     for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
       local before = redis.call('HLEN', room_key(room, 'names'))
@@ -524,9 +538,6 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     end
     redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
     redis.call('SREM', KEYS[1], proc)
-    if dead then
-      redis.call('SET', 'chat:proc:' .. proc .. ':swept', 1, 'PX', ARGV[5])
-    end
   end
 end
 return swept
@@ -616,7 +627,7 @@ class RedisRooms(Rooms):
             try:  # whoever is left: their names go, with leave notices
                 async with asyncio.timeout(REDIS_TIMEOUT_S):
                     await self.sweep_script(keys=["chat:procs"],
-                                            args=[self.db, self.room_ttl_ms, self.proc, "", 1])
+                                            args=[self.db, self.room_ttl_ms, self.proc, ""])
             except (*self.errors, asyncio.TimeoutError) as exc:
                 log.warning("broker: could not remove our names: %s", exc)
         tasks = [task for task in (self.follower, self.beater, self.sweeper) if task]
@@ -828,7 +839,11 @@ class RedisRooms(Rooms):
         except Unavailable:
             return  # the next connection syncs again
         if self.channels.get(self.channel(room.name).encode()) is room:
-            room.resync(epoch.decode(), int(last_seq), frames, online_names(values))
+            missed = room.resync(epoch.decode(), int(last_seq), frames, online_names(values))
+            if missed:
+                log.warning("room %s: %d messages missed while the channel was away are "
+                            "no longer kept in Redis; its clients got a gap notice",
+                            room.name, missed)
             self.fanout.publish(room)
             self.forget_if_empty(room)
 
@@ -841,8 +856,13 @@ class RedisRooms(Rooms):
         channel = self.channel(room.name).encode()
         if self.channels.get(channel) is room:
             del self.channels[channel]
-            if self.pubsub is not None and self.up.is_set():
-                self.spawn(self.call(self.pubsub.unsubscribe, channel))
+            self.spawn(self.unsubscribe(channel))
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        # Not if a newcomer subscribed again meanwhile: its subscribe may
+        # have gone first, and this would undo it.
+        if channel not in self.channels and self.pubsub is not None and self.up.is_set():
+            await self.call(self.pubsub.unsubscribe, channel)
 
     # The connection to Redis
 
@@ -952,7 +972,6 @@ class RedisRooms(Rooms):
                      await self.call(self.client.smembers, self.proc_rooms_key)}
             for name in rooms | set(self.chat.rooms):
                 await self.reconcile(name)
-            await self.call(self.client.delete, f"{self.proc_key}:swept")
         except Unavailable:
             pass
 
@@ -967,7 +986,7 @@ class RedisRooms(Rooms):
         taken = await self.call(
             self.reconcile_script,
             self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
-            + [self.proc_rooms_key, f"{self.proc_key}:swept"], args)
+            + [self.proc_rooms_key], args)
         for folded in taken:
             # Someone else holds the name now (maybe this client, back on a
             # new connection): two members of one name must not be.
@@ -1001,7 +1020,7 @@ class RedisRooms(Rooms):
                 misses, beats = 0, beats + 1
                 if not alive and beats > 1 and self.up.is_set():
                     # Our key expired: this process stalled, and the others
-                    # may have swept our names.  Put them back, announced.
+                    # may have swept our names.  Put them back (announced).
                     log.warning("broker: our heartbeat key was gone; "
                                 "registering our names again")
                     self.spawn(self.reconcile_all())
@@ -1024,8 +1043,7 @@ class RedisRooms(Rooms):
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
                 await self.call(self.sweep_script, ["chat:procs"],
-                                [self.db, self.room_ttl_ms, "", self.proc,
-                                 SWEPT_MARK_S * 1000])
+                                [self.db, self.room_ttl_ms, "", self.proc])
             except Unavailable:
                 pass
             except Exception:

@@ -215,3 +215,39 @@ def oldest_redis_package() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return oldest
+
+
+async def test_a_subscriber_dropped_by_redis_catches_up_or_tells_of_a_gap(
+        cluster, redis_server):
+    """Item 3: Redis drops the subscriber of a process that lags (past
+    `client-output-buffer-limit pubsub`; here CLIENT KILL does it while the
+    process is frozen, as loopback's socket buffers would take megabytes
+    first).  The process catches up from the history (--history 5), and its
+    clients get a gap notice for what is no longer kept, and the joins they
+    missed (item 9)."""
+    a, b = cluster(2, "--history", "5")
+    writer = await join(a.url, "lagging", name="writer")
+    reader = await join(b.url, "lagging", name="reader")
+    total = 50
+    with frozen(b):
+        redis_server.client().client_kill_filter(_type="pubsub")
+        async with asyncio.timeout(5):  # a, not frozen, subscribes again at once
+            while a.stderr().count(" connected") < 2:
+                await asyncio.sleep(0.05)
+        late = await join(a.url, "lagging", name="late")  # a join b's channel misses too
+        for n in range(1, total + 1):
+            await late.send(f"m{n}")
+        await chat_lines(late, total)
+    seqs, missed, joins = [], 0, []
+    while len(seqs) + missed < total:
+        frame = await reader.recv()
+        if frame["type"] == "user":
+            seqs.append(frame["seq"])
+        elif frame.get("event") == "gap":
+            assert seqs == []  # first
+            missed += frame["missed"]
+        elif frame.get("event") == "join":
+            joins.append((frame["name"], frame["count"]))
+    assert (missed, seqs) == (total - 5, list(range(total - 4, total + 1)))
+    assert joins == [("late", 3)]
+    assert "no longer kept in Redis" in b.stderr()
