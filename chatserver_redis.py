@@ -273,7 +273,11 @@ local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
       redis.call('SET', epoch_key, epoch)
     end
     if tonumber(redis.call('GET', seq_key) or '0') < floor then
-      redis.call('SET', seq_key, floor)
+      if ttl then  -- the floor goes with the epoch, if nobody comes
+        redis.call('SET', seq_key, floor, 'PX', math.max(1, tonumber(ttl)))
+      else
+        redis.call('SET', seq_key, floor)
+      end
       redis.call('DEL', history_key)
     end
   end
@@ -317,16 +321,14 @@ local function room_key(room, what)
   return 'chat:' .. room .. ':' .. what
 end
 
-local function forget_later(room, ttl)
-  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
-    redis.call('PEXPIRE', room_key(room, what), ttl)
-  end
+-- A room's seq, epoch, history and order keys: they expire together
+-- `ttl` ms after its last member left, and are kept while it has one.
+local function forget_later(ttl, ...)
+  for _, key in ipairs({...}) do redis.call('PEXPIRE', key, ttl) end
 end
 
-local function keep(room)
-  for _, what in ipairs({'seq', 'epoch', 'history', 'order'}) do
-    redis.call('PERSIST', room_key(room, what))
-  end
+local function keep(...)
+  for _, key in ipairs({...}) do redis.call('PERSIST', key) end
 end
 
 local function leave_notice(room, name, count)
@@ -423,7 +425,7 @@ for i = 9, #ARGV, 3 do
     redis.call('SET', KEYS[8], session, 'PX', ARGV[7])
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. cjson.encode(session) ..
                ',"n":' .. redis.call('INCR', KEYS[5]) .. '}')
-    keep(ARGV[2])
+    keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
     redis.call('SADD', KEYS[6], ARGV[2])
     local count = redis.call('HLEN', KEYS[4])
     if old then
@@ -439,7 +441,7 @@ return {0}
 """
 
 # KEYS: names, this process's rooms, the member's session's cids, its order,
-# its key's session.  ARGV: channel, room, folded name, process, leave notice
+# its key's session, the room's seq, epoch, history and order.  ARGV: channel, room, folded name, process, leave notice
 # prefix, room ttl (ms), "1" if the process has no one left in the room, the
 # member's key (the name may have been taken over), ms a session is kept.
 LUA_LEAVE = LUA_COMMON + """
@@ -452,7 +454,7 @@ if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) and
   if count > 0 then
     redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5] .. count .. '}')
   else
-    forget_later(ARGV[2], ARGV[6])
+    forget_later(ARGV[6], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
   end
 end
 if ARGV[7] == '1' then
@@ -504,9 +506,9 @@ if redis.call('HLEN', KEYS[4]) > 0 then
   if ARGV[5] ~= '' then
     ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil)
   end
-  keep(ARGV[2])
+  keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 else
-  forget_later(ARGV[2], ARGV[4])
+  forget_later(ARGV[4], KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 end
 if next(mine) then
   redis.call('SADD', KEYS[6], ARGV[2])
@@ -533,7 +535,8 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       local after = redis.call('HLEN', room_key(room, 'names'))
       swept = swept + before - after
       if after == 0 and before > 0 then
-        forget_later(room, ARGV[2])
+        forget_later(ARGV[2], room_key(room, 'seq'), room_key(room, 'epoch'),
+                     room_key(room, 'history'), room_key(room, 'order'))
       end
     end
     redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
@@ -807,7 +810,8 @@ class RedisRooms(Rooms):
         try:
             await self.call(
                 self.leave_script,
-                [f"chat:{room.name}:names", self.proc_rooms_key, *self.session_keys(member)],
+                [f"chat:{room.name}:names", self.proc_rooms_key, *self.session_keys(member),
+                 *self.room_keys(room.name, "seq", "epoch", "history", "order")],
                 [self.channel(room.name), room.name, fold(member.name), self.proc,
                  frame_prefix(left(room.name, member.name, 0), "count"), self.room_ttl_ms,
                  int(last_here), member.key, self.session_ttl_ms])
