@@ -791,6 +791,14 @@ class RedisRooms(Rooms):
                 names = [f"guest-{secrets.token_hex(2)}" for _ in range(NAME_CANDIDATES)]
             else:
                 names = name_candidates(wanted, start, NAME_CANDIDATES)
+            # A name held here is never granted, even if Redis forgot it (it
+            # lost its data): our holder would be overwritten, and go deaf.
+            names = [name for name in names if fold(name) not in room.members
+                     or (name == wanted and taking_over
+                         and room.members[fold(name)].has_key(taking_over))]
+            if not names:
+                start += NAME_CANDIDATES
+                continue
             args = [self.channel(room.name), room.name, room.epoch, room.seq,
                     taking_over if start == 1 and taking_over else "",
                     secrets.token_urlsafe(16), self.session_ttl_ms, join_id]

@@ -251,3 +251,18 @@ async def test_a_subscriber_dropped_by_redis_catches_up_or_tells_of_a_gap(
     assert (missed, seqs) == (total - 5, list(range(total - 4, total + 1)))
     assert joins == [("late", 3)]
     assert "no longer kept in Redis" in b.stderr()
+
+
+async def test_a_name_redis_forgot_is_not_taken_from_its_holder(cluster, redis_server):
+    """Item 4: Redis loses its data (FLUSHALL: a failover to an empty
+    replica, with no connection lost).  A newcomer asking, on the same
+    process, for a name whose holder Redis forgot gets another name, and the
+    holder still hears the room."""
+    a, b = cluster(2)
+    alice = await join(a.url, "forgot", name="alice")
+    await join(b.url, "forgot", name="bob")
+    redis_server.client().flushall()
+    newcomer = await join(a.url, "forgot", name="alice")
+    assert newcomer.name == "alice-2"
+    await newcomer.send("hello")
+    assert [message for _, _, message in await chat_lines(alice, 1)] == ["hello"]
