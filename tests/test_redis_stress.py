@@ -226,7 +226,7 @@ async def test_a_subscriber_dropped_by_redis_catches_up_or_tells_of_a_gap(
     clients get a gap notice for what is no longer kept, and the joins they
     missed (item 9)."""
     a, b = cluster(2, "--history", "5")
-    writer = await join(a.url, "lagging", name="writer")
+    await join(a.url, "lagging", name="writer")  # a follows the room too
     reader = await join(b.url, "lagging", name="reader")
     total = 50
     with frozen(b):
