@@ -58,11 +58,18 @@ HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_TIMEOUT_S = 2.0  # a beat unanswered this long failed
 HEARTBEAT_MISSES = 2  # beats failed in a row: Redis is gone
 HEARTBEAT_TTL_S = 6.0  # a process silent this long is dead: its names go
+# After Redis lost its data, every live process puts its rooms back within a
+# heartbeat; for this long no seq is given out and no unknown room created.
+RECOVERY_S = 2 * HEARTBEAT_INTERVAL_S
+RECOVERY_STEP_S = 0.2  # how often a line or a sync waiting for it tries again
+RECOVERY_TRIES = int(RECOVERY_S / RECOVERY_STEP_S) + 5
 RECONNECT_MIN_S = 0.1  # backoff between attempts to reach Redis again...
 RECONNECT_MAX_S = 3.0  # ...doubling up to this
 ADMISSION_TIMEOUT_S = 10.0  # a newcomer's join notice must come back on the channel by then
 NAME_CANDIDATES = 20  # names tried per round trip when a nickname is taken
 BROKER_DOWN = "chat is unavailable: the message broker is down; your message was not sent"
+RECOVERING = ("chat is unavailable: the message broker is recovering lost data; "
+              "your message was not sent")
 UNCONFIRMED = "the message broker did not answer; reconnect: unacked lines may not have been sent"
 
 
@@ -260,12 +267,34 @@ def online_names(values: list[bytes]) -> list[str]:
 # advance; the sweep finds rooms as it goes (fine on a single Redis server).
 
 LUA_COMMON = """
-local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl)
+local function recovering()
+  -- True while Redis is recovering from the loss of its data (a restart
+  -- without persistence, a failover to an empty replica), which the loss
+  -- of the generation key, set by every chatserver at start, gives away.
+  -- Meanwhile processes that knew rooms bring them back, and no seq is
+  -- given out: the highest seq any live process knows must win.
+  if redis.call('EXISTS', 'chat:generation') == 0 then
+    redis.call('SET', 'chat:generation', '1')
+    redis.call('SET', 'chat:recovering', '1', 'PX', RECOVERY_MS)
+    return true
+  end
+  return redis.call('EXISTS', 'chat:recovering') == 1
+end
+
+local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl, known)
   -- The room's epoch, created as `epoch` if Redis has none (a new room, or
   -- Redis lost its data): then its numbering resumes after `floor`, the
-  -- last seq the caller knows, so that its clients see no step back.
+  -- last seq the caller knows, so that its clients see no step back.  A
+  -- caller that knows more of the same epoch than Redis raises its seq.
+  -- False if the caller does not `known` the room and Redis is recovering.
   local current = redis.call('GET', epoch_key)
-  if not current then
+  if current then
+    if current == epoch and tonumber(redis.call('GET', seq_key) or '0') < floor then
+      redis.call('SET', seq_key, floor, 'KEEPTTL')
+    end
+  elseif recovering() and not known then
+    return false
+  else
     current = epoch
     if ttl then  -- at least 1 ms: Redis refuses PX 0 (--room-ttl 0)
       redis.call('SET', epoch_key, epoch, 'PX', math.max(1, tonumber(ttl)))
@@ -356,7 +385,7 @@ local function remove_names(room, channel, proc, except)
     end
   end
 end
-"""
+""".replace("RECOVERY_MS", str(int(RECOVERY_S * 1000)))
 
 # KEYS: seq, epoch, history, the session's cids, its order, the member's
 # key's session.  ARGV: channel,
@@ -368,7 +397,8 @@ if ARGV[6] ~= '' then
   local known = redis.call('HGET', KEYS[4], ARGV[6])
   if known then return {known, redis.call('GET', KEYS[2]) or ARGV[4]} end
 end
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]), nil)
+if recovering() then return {'wait', ''} end
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[4], tonumber(ARGV[5]), nil, true)
 local seq = redis.call('INCR', KEYS[1])
 local frame = ARGV[2] .. seq .. '}'
 redis.call('RPUSH', KEYS[3], frame)
@@ -391,9 +421,12 @@ return 1
 """
 
 # KEYS: seq, epoch, history, names.  ARGV: epoch, last seq known, room ttl
-# (ms).  Returns {epoch, last seq, history, names}.
+# (ms), "1" if the process synced the room before.  Returns {epoch, last
+# seq, history, names}, or {"wait"} while Redis recovers a room it forgot.
 LUA_SYNC = LUA_COMMON + """
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3])
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3],
+                          ARGV[4] == '1')
+if not epoch then return {'wait'} end
 return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1),
         redis.call('HVALS', KEYS[4])}
 """
@@ -411,7 +444,7 @@ return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE',
 # taken, else {index of the name taken, epoch, last seq, history, 1 if taken
 # over else 0, session}.
 LUA_JOIN = LUA_COMMON + """
-local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil)
+local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[3], tonumber(ARGV[4]), nil, true)
 local key = ARGV[5]
 local session = redis.call('GET', KEYS[7]) or ARGV[6]  -- the welcome's, every round
 for i = 9, #ARGV, 3 do
@@ -504,7 +537,7 @@ for folded, parts in pairs(mine) do
 end
 if redis.call('HLEN', KEYS[4]) > 0 then
   if ARGV[5] ~= '' then
-    ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil)
+    ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil, true)
   end
   keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 else
@@ -610,6 +643,13 @@ class RedisRooms(Rooms):
         self.join_script, self.leave_script = script(LUA_JOIN), script(LUA_LEAVE)
         self.rename_script, self.reconcile_script = script(LUA_RENAME), script(LUA_RECONCILE)
         self.sweep_script, self.remember_script = script(LUA_SWEEP), script(LUA_REMEMBER)
+        try:  # Redis's generation: its loss tells of Redis losing its data
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await self.client.set("chat:generation", "1", nx=True)
+        except (*self.errors, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise Unavailable(f"the message broker at {safe_url(self.url)} "
+                              f"does not answer: {exc}") from None
         self.follower = asyncio.create_task(self.follow())
         self.beater = asyncio.create_task(self.beat())
         self.sweeper = asyncio.create_task(self.sweep_dead())
@@ -718,12 +758,18 @@ class RedisRooms(Rooms):
     async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
         room = member.room
         frame = chat(room.name, member.name, text, 0, action)
-        seq, epoch = await self.call(
-            self.post_script,
-            self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
-            [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
-             room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
-             self.session_ttl_ms, self.history_bytes])
+        for _ in range(RECOVERY_TRIES):
+            seq, epoch = await self.call(
+                self.post_script,
+                self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
+                [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
+                 room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
+                 self.session_ttl_ms, self.history_bytes])
+            if seq != b"wait":
+                break
+            await asyncio.sleep(RECOVERY_STEP_S)  # Redis recovers lost rooms: not posted yet
+        else:
+            raise Unavailable(RECOVERING)
         if epoch.decode() != room.epoch:
             log.warning("room %s: epoch changed in Redis; syncing", room.name)
             self.spawn(self.sync(room))
@@ -844,12 +890,21 @@ class RedisRooms(Rooms):
     async def sync(self, room: SharedRoom) -> None:
         """The sync point, once the subscription is confirmed: Redis's last
         seq, and what was missed since the last time."""
+        channel = self.channel(room.name).encode()
         try:
-            epoch, last_seq, frames, values = await self.call(
-                self.sync_script, self.room_keys(room.name, "seq", "epoch", "history", "names"),
-                [room.epoch, room.seq, self.room_ttl_ms])
+            for _ in range(RECOVERY_TRIES):
+                answer = await self.call(
+                    self.sync_script,
+                    self.room_keys(room.name, "seq", "epoch", "history", "names"),
+                    [room.epoch, room.seq, self.room_ttl_ms, int(room.ever_synced)])
+                if answer[0] != b"wait" or self.channels.get(channel) is not room:
+                    break
+                await asyncio.sleep(RECOVERY_STEP_S)  # a process that knows the room brings it back
         except Unavailable:
             return  # the next connection syncs again
+        if answer[0] == b"wait":
+            return  # its newcomers time out with 1013 and try again
+        epoch, last_seq, frames, values = answer
         if self.channels.get(self.channel(room.name).encode()) is room:
             missed = room.resync(epoch.decode(), int(last_seq), frames, online_names(values))
             if missed:

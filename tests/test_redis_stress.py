@@ -14,6 +14,7 @@ import time
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import ROOT, chat_lines, free_port, in_ci, join
 from test_redis import FAST, cluster  # noqa: F401  (a fixture)
@@ -266,3 +267,31 @@ async def test_a_name_redis_forgot_is_not_taken_from_its_holder(cluster, redis_s
     assert newcomer.name == "alice-2"
     await newcomer.send("hello")
     assert [message for _, _, message in await chat_lines(alice, 1)] == ["hello"]
+
+
+async def test_when_redis_loses_its_data_the_rooms_carry_on_with_their_numbering(
+        cluster, redis_server):
+    """Item 4: Redis loses its data (FLUSHALL).  A newcomer on a process that
+    never knew the room must not start it afresh at seq 0: the processes
+    that knew it bring it back with its epoch and last seq, and the next line
+    gets the next seq, reaching everyone (no line dropped as a duplicate)."""
+    a, b, c = cluster(3)
+    alice = await join(a.url, "lost", name="alice")
+    bob = await join(b.url, "lost", name="bob")
+    for n in range(1, 4):
+        await alice.send(f"m{n}")
+    for client in (alice, bob):
+        await chat_lines(client, 3)
+    epoch = alice.welcome["epoch"]
+    redis_server.client().flushall()
+    async with asyncio.timeout(15):
+        while True:  # refused (1013) while Redis recovers
+            try:
+                carol = await join(c.url, "lost", name="carol")
+                break
+            except (ConnectionClosed, InvalidStatus):
+                await asyncio.sleep(0.2)
+    assert (carol.welcome["epoch"], carol.welcome["seq"]) == (epoch, 3)
+    await carol.send("after")
+    for client in (alice, bob, carol):
+        assert await chat_lines(client, 1) == [(4, "carol", "after")]
