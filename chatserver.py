@@ -101,6 +101,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # flooding, too slow
 CLOSE_TRY_AGAIN = 1013  # the back-end cannot let anyone in now
 CLOSE_REPLACED = 4000  # the same client came back on a new connection (?key=)
+CLOSE_KICKED = 4001  # a moderator removed it (/kick, /ban)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Config:
     rooms_per_ip: int = ROOMS_PER_IP
     new_rooms_per_min: float = NEW_ROOMS_PER_MIN
     trust_proxy: bool = False
+    auth_secret: str | None = None  # a file with the secret of sign-in tokens
+    require_auth: bool = False
     allow_origin: tuple[str, ...] = ()
     max_buffer: int = MAX_BUFFER_BYTES
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S
@@ -160,17 +163,33 @@ def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
             "ts": now_ms(), **fields}
 
 
-def welcome(room: str, name: str, online: list[str], seq: int, epoch: str, key: str) -> dict:
-    return sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
-                     name=name, online=online, seq=seq, epoch=epoch, key=key)
+def welcome(room: str, name: str, online: list[str], seq: int, epoch: str, key: str,
+            verified: list[str] = (), topic: str = "", mod: bool = False) -> dict:
+    """`verified`: the names in `online` that a sign-in token vouches for;
+    `mod`: the newcomer moderates the room."""
+    frame = sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
+                      name=name, online=online, seq=seq, epoch=epoch, key=key,
+                      verified=list(verified), topic=topic)
+    if mod:
+        frame["mod"] = True
+    return frame
 
 
-def joined(room: str, name: str, count: int) -> dict:
-    return sys_frame(room, "join", f"{name} has joined", name=name, count=count)
+def vouched(frame: dict, verified: bool) -> dict:
+    """Mark a frame about a member whose name a sign-in token vouches for."""
+    if verified:
+        frame["verified"] = True
+    return frame
 
 
-def left(room: str, name: str, count: int) -> dict:
-    return sys_frame(room, "leave", f"{name} has left", name=name, count=count)
+def joined(room: str, name: str, count: int, verified: bool = False) -> dict:
+    return vouched(sys_frame(room, "join", f"{name} has joined", name=name, count=count),
+                   verified)
+
+
+def left(room: str, name: str, count: int, verified: bool = False) -> dict:
+    return vouched(sys_frame(room, "leave", f"{name} has left", name=name, count=count),
+                   verified)
 
 
 def presence(room: str, arrived: list[str], departed: list[str], count: int) -> dict:
@@ -195,10 +214,38 @@ def renamed(room: str, old: str, new: str) -> dict:
     return sys_frame(room, "nick", f"{old} is now known as {new}", old=old, name=new)
 
 
-def who(room: str, online: list[str]) -> dict:
+def kicked(room: str, name: str, by: str, reason: str, ban: Ban | None = None) -> dict:
+    """A member was removed by a moderator (and banned, with `ban`)."""
+    verb = "banned" if ban else "kicked"
+    frame = sys_frame(room, "kick", f"{name} was {verb} by {by}" + (f": {reason}" if reason else ""),
+                      name=name, by=by, reason=reason)
+    if ban:
+        frame["ban"] = True
+        frame["until"] = None if ban.until is None else int(ban.until * 1000)
+    return frame
+
+
+def topic_set(room: str, topic: str, by: str) -> dict:
+    message = f"{by} set the topic: {topic}" if topic else f"{by} cleared the topic"
+    return sys_frame(room, "topic", message, topic=topic, by=by)
+
+
+def deleted(room: str, seq: int, by: str) -> dict:
+    return sys_frame(room, "delete", f"{by} deleted a message", seq=seq, by=by)
+
+
+def ban_list(room: str, bans: list[Ban]) -> dict:
+    entries = [{"name": ban.name, "kind": ban.subject.partition(":")[0], "by": ban.by,
+                "reason": ban.reason, "until": None if ban.until is None else int(ban.until * 1000)}
+               for ban in bans]
+    names = ", ".join(ban.name for ban in bans) or "none"
+    return sys_frame(room, "bans", f"{len(bans)} banned from {room}: {names}", bans=entries)
+
+
+def who(room: str, online: list[str], verified: list[str] = ()) -> dict:
     names = ", ".join(online)
     return sys_frame(room, "who", f"{len(online)} online: {names}",
-                     online=online, count=len(online))
+                     online=online, count=len(online), verified=list(verified))
 
 
 HELP_TEXT = (
@@ -206,10 +253,15 @@ HELP_TEXT = (
     "/who (who is here), /help (this text). Start a line with // to send a "
     "literal /."
 )
+MOD_HELP_TEXT = (
+    " Moderators: /kick NAME [REASON], /ban NAME [DURATION] [REASON] (like 10m, "
+    "2h, 7d, 0 for ever; 1d if none), /unban NAME, /bans, /topic [TEXT], "
+    "/delete SEQ."
+)
 
 
-def help_frame(room: str) -> dict:
-    return sys_frame(room, "help", HELP_TEXT)
+def help_frame(room: str, mod: bool = False) -> dict:
+    return sys_frame(room, "help", HELP_TEXT + (MOD_HELP_TEXT if mod else ""))
 
 
 def error(room: str, message: str, cid: str | None = None) -> dict:
@@ -233,12 +285,13 @@ def shutdown(room: str) -> dict:
     return sys_frame(room, "shutdown", "The server is shutting down; reconnect soon.")
 
 
-def chat(room: str, name: str, text: str, seq: int, action: bool = False) -> dict:
+def chat(room: str, name: str, text: str, seq: int, action: bool = False,
+         verified: bool = False) -> dict:
     frame = {"type": "user", "room": room, "id": name, "message": text,
              "ts": now_ms(), "seq": seq}
     if action:
         frame["action"] = True
-    return frame
+    return vouched(frame, verified)
 
 
 # Chat logic (no I/O) ------------------------------------------------------
@@ -268,6 +321,30 @@ def printable(text: str, limit: int = 100) -> str:
                    for char in text[:limit])
 
 
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Who a sign-in token says a client is (--auth-secret): its name, and
+    whether it moderates the room it joins."""
+
+    name: str
+    mod: bool = False
+
+
+@dataclasses.dataclass
+class Ban:
+    """A room's ban: of a verified name ("name:FOLDED") or, for guests, of
+    an address ("address:ADDR"), until a wall-clock time (None: for ever)."""
+
+    subject: str
+    name: str  # the name it was given under: /bans shows it, /unban takes it
+    until: float | None
+    reason: str = ""
+    by: str = ""
+
+    def over(self, now: float) -> bool:
+        return self.until is not None and now >= self.until
+
+
 @dataclasses.dataclass(eq=False)
 class Member:
     """One connected client in one room."""
@@ -275,6 +352,8 @@ class Member:
     name: str
     room: Room
     address: str = ""
+    verified: bool = False  # its name comes from a sign-in token
+    mod: bool = False  # it moderates the room
     connection: Client | None = None  # set by the I/O layer
     tokens: float = 0.0  # rate limit bucket
     refilled_at: float = 0.0
@@ -317,6 +396,7 @@ class Room:
     pending: list[bytes] = dataclasses.field(default_factory=list)  # room frames not yet sent
     pending_seq: list[int] = dataclasses.field(default_factory=list)
     empty_since: float | None = None
+    topic: str = ""
     joining: int = 0  # newcomers being let in: the fan-out waits for them
     # Joins and leaves of a crowded room not yet announced: name -> here now
     # (the last change wins, so someone back on a new connection is here).
@@ -327,6 +407,9 @@ class Room:
         self.history_size = 0  # bytes in history
     def online(self) -> list[str]:
         return [member.name for member in self.members.values()]
+
+    def verified(self) -> list[str]:
+        return [member.name for member in self.members.values() if member.verified]
 
     def has_name(self, name: str) -> bool:
         return fold(name) in self.members
@@ -340,11 +423,11 @@ class Room:
             name = wanted[: NAME_MAX_CHARS - len(suffix)] + suffix
         return name
 
-    def announce_presence(self, name: str, joining: bool) -> None:
+    def announce_presence(self, name: str, joining: bool, verified: bool = False) -> None:
         """A join or leave notice, or, in a crowded room, kept for later."""
         if not self.gather_presence(name, joining, len(self.members)):
             notice = joined if joining else left
-            self.announce(notice(self.name, name, len(self.members)))
+            self.announce(notice(self.name, name, len(self.members), verified))
 
     def gather_presence(self, name: str, joining: bool, count: int) -> bool:
         """Keep a join or leave for the next presence notice if the room has
@@ -376,7 +459,10 @@ class Room:
             changes, self.unannounced = self.unannounced, {}
             arrived = [name for name, here in changes.items() if here]
             departed = [name for name, here in changes.items() if not here]
-            self.announce(presence(self.name, arrived, departed, self.count()))
+            frame = presence(self.name, arrived, departed, self.count())
+            frame["verified"] = [name for name in frame["joined"]
+                                 if getattr(self.members.get(fold(name)), "verified", False)]
+            self.announce(frame)
 
     def count(self) -> int:
         """How many are in the room."""
@@ -386,11 +472,21 @@ class Room:
         """Queue a frame for everyone in the room."""
         self.pending.append(encode(frame))
 
-    def post(self, name: str, text: str, action: bool = False) -> int:
+    def post(self, name: str, text: str, action: bool = False, verified: bool = False) -> int:
         """Number a chat message, keep it in history, queue it for everyone."""
         seq = self.seq + 1
-        self.keep(seq, encode(chat(self.name, name, text, seq, action)))
+        self.keep(seq, encode(chat(self.name, name, text, seq, action, verified)))
         return seq
+
+    def forget_message(self, seq: int) -> bool:
+        """Take the message `seq` out of the history (a moderator deleted
+        it); False if it is not there."""
+        for index, (kept, data) in enumerate(self.history):
+            if kept == seq:
+                del self.history[index]
+                self.history_size -= len(data)
+                return True
+        return False
 
     def keep(self, seq: int, data: bytes) -> None:
         """Keep the chat message `seq` in history and queue it for everyone."""
@@ -482,14 +578,15 @@ Outgoing = list[tuple[Member, bytes]]
 
 
 def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed: int,
-                    history: list[bytes], seq: int | None = None) -> Outgoing:
+                    history: list[bytes], seq: int | None = None,
+                    verified: list[str] = ()) -> Outgoing:
     """What a newcomer gets, in order: the welcome, notes about its name, the
     gap notice if some of what it missed is no longer kept, the history.
     Its history ends at `seq` (by default the room's delivered seq)."""
     room = member.room
     seq = room.delivered_seq if seq is None else seq
-    out = [(member, encode(welcome(room.name, member.name, online, seq,
-                                   room.epoch, member.key)))]
+    out = [(member, encode(welcome(room.name, member.name, online, seq, room.epoch,
+                                   member.key, verified, room.topic, member.mod)))]
     out += [(member, encode(note)) for note in notes]
     if missed:
         out.append((member, encode(gap(room.name, missed))))
@@ -534,7 +631,76 @@ class Refuse:
     shown: bool = True
 
 
-Decision = Post | Rename | Who | Reply | Refuse | None  # None: nothing to do
+@dataclasses.dataclass
+class Kick:
+    """A moderator removes `name` (and bans it for `ban_s` seconds, None:
+    no ban, inf: for ever)."""
+
+    name: str
+    reason: str = ""
+    ban_s: float | None = None
+
+
+@dataclasses.dataclass
+class Unban:
+    name: str
+
+
+@dataclasses.dataclass
+class ListBans:
+    pass
+
+
+@dataclasses.dataclass
+class SetTopic:
+    text: str
+
+
+@dataclasses.dataclass
+class Delete:
+    seq: int
+
+
+Moderation = Kick | Unban | ListBans | SetTopic | Delete
+Decision = Post | Rename | Who | Reply | Refuse | Moderation | None  # None: nothing to do
+
+BAN_DEFAULT_S = 86400.0  # /ban NAME with no duration: a day
+DURATION = re.compile(r"(\d{1,6})([smhd]?)\Z")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+TOPIC_MAX_CHARS = 300
+
+
+def moderation(verb: str, argument: str) -> Decision:
+    """A moderator's command, read (its right to use it is checked before)."""
+    words = argument.split(None, 1)
+    name, rest = (words + ["", ""])[:2] if words else ("", "")
+    if verb in ("/kick", "/ban", "/unban") and not name:
+        return Refuse(f"usage: {verb} NAME" + (" [REASON]" if verb == "/kick" else
+                                               " [DURATION] [REASON]" if verb == "/ban" else ""))
+    if verb == "/kick":
+        return Kick(unicodedata.normalize("NFC", name), rest.strip())
+    if verb == "/ban":
+        first, _, reason = rest.strip().partition(" ")
+        found = DURATION.match(first)
+        if found:
+            seconds = int(found.group(1)) * DURATION_UNITS[found.group(2)]
+            ban_s = float("inf") if seconds == 0 else float(seconds)
+        else:
+            ban_s, reason = BAN_DEFAULT_S, rest.strip()
+        return Kick(unicodedata.normalize("NFC", name), reason.strip(), ban_s)
+    if verb == "/unban":
+        return Unban(unicodedata.normalize("NFC", name))
+    if verb == "/bans":
+        return ListBans()
+    if verb == "/topic":
+        problem = text_problem(argument, TOPIC_MAX_CHARS) if argument else None
+        return Refuse(f"topic refused: {problem}") if problem else SetTopic(argument)
+    if not argument.isdigit():
+        return Refuse("usage: /delete SEQ (the number of the message)")
+    return Delete(int(argument))
+
+
+MODERATOR_COMMANDS = ("/kick", "/ban", "/unban", "/bans", "/topic", "/delete")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,6 +771,10 @@ class Chat:
         # Sessions with no connection left, the longest gone first.
         self.departed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.keys: dict[str, str] = {}  # a welcome's key -> its session id
+        # Every room's bans, by room and subject: checked at the handshake,
+        # so every back-end keeps them all here (they are few).
+        self.bans: dict[str, dict[str, Ban]] = {}
+        self.wall_clock: Callable[[], float] = time.time  # bans outlive restarts
 
     # Rooms
 
@@ -750,17 +920,24 @@ class Chat:
 
     def join(self, room_name: str, wanted: str | None = None, since: int | None = None,
              epoch: str | None = None, address: str = "",
-             key: str | None = None) -> tuple[Member, Outgoing]:
+             key: str | None = None, identity: Identity | None = None) -> tuple[Member, Outgoing]:
         """Add a newcomer: its welcome, what it missed, and a join notice.
 
         `key`: a key from an earlier welcome: the newcomer goes on with that
         session.  Its welcome has a new key; the one it came with works until
-        it speaks (so a reconnect whose welcome was lost can still use it)."""
+        it speaks (so a reconnect whose welcome was lost can still use it).
+        `identity`: a sign-in token's; the newcomer gets exactly its name (a
+        guest who holds it is renamed; see `make_way`)."""
         room = self.open_room(room_name, address)
-        wanted, notes = self.newcomer_name(room_name, wanted)
-        name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
+        if identity is not None:
+            name, notes = identity.name, []
+            self.make_way(room, name)
+        else:
+            wanted, notes = self.newcomer_name(room_name, wanted)
+            name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         member = Member(name, room, address, tokens=self.config.burst,
-                        refilled_at=self.clock())
+                        refilled_at=self.clock(), verified=identity is not None,
+                        mod=identity is not None and identity.mod)
         sid = self.keys.get(key) if key else None
         if sid is not None:
             member.previous_key = key
@@ -771,15 +948,31 @@ class Chat:
         if epoch != room.epoch:
             since = None  # another epoch: its numbers mean nothing here
         missed, history = room.history_since(since)
-        room.announce_presence(name, joining=True)
-        return member, newcomer_frames(member, room.online(), notes, missed, history)
+        room.announce_presence(name, joining=True, verified=member.verified)
+        return member, newcomer_frames(member, room.online(), notes, missed, history,
+                                       verified=room.verified())
 
-    def holder(self, room_name: str, name: str | None, key: str | None) -> Member | None:
-        """The member who holds `name` in the room, if `key` names its
-        session: a client back on a new connection, whose old one is not yet
-        found dead."""
+    def make_way(self, room: Room, name: str) -> None:
+        """A verified member is coming as `name`: a guest who holds it here
+        is renamed (`name-2`...), with a nick notice.  (Its own other
+        connection is replaced before: see `holder`.)"""
+        guest = room.members.get(fold(name))
+        if guest is not None and not guest.verified:
+            self.rename(guest, room.unique_name(guest.name))
+
+    def holder(self, room_name: str, name: str | None, key: str | None,
+               identity: Identity | None = None) -> Member | None:
+        """The member whose place a newcomer takes: the one who holds `name`
+        in the room if `key` names its session (a client back on a new
+        connection, whose old one is not yet found dead), or the verified
+        holder of the identity's name (one connection per signed-in name)."""
         room = self.rooms.get(room_name)
-        if room is None or name is None or not key:
+        if room is None:
+            return None
+        if identity is not None:
+            member = room.members.get(fold(identity.name))
+            return member if member is not None and member.verified else None
+        if name is None or not key:
             return None
         member = room.members.get(fold(unicodedata.normalize("NFC", name)))
         if member is None or self.keys.get(key) != member.session:
@@ -797,9 +990,10 @@ class Chat:
                                            "you are a guest")]
         return wanted, []
 
-    def leave(self, member: Member, replaced: bool = False) -> None:
+    def leave(self, member: Member, replaced: bool = False, quiet: bool = False) -> None:
         """`member` is gone (`replaced`: by a new connection, which takes its
-        place at once, so the room is not empty even if it was the last)."""
+        place at once, so the room is not empty even if it was the last;
+        `quiet`: with no leave notice, another notice says why)."""
         room = member.room
         if not member.is_here():
             return
@@ -810,13 +1004,13 @@ class Chat:
             session.left_at = self.clock()
             if not session.connections:
                 self.depart(member.session)
-        if room.members or replaced:
-            room.announce_presence(member.name, joining=False)
-        else:
+        if (room.members or replaced) and not quiet:
+            room.announce_presence(member.name, joining=False, verified=member.verified)
+        elif not room.members and not replaced:
             room.empty_since = self.clock()
 
     def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
-        seq = member.room.post(member.name, text, action)
+        seq = member.room.post(member.name, text, action, member.verified)
         if cid is not None:
             self.remember(member, cid, seq)
         return seq
@@ -836,6 +1030,75 @@ class Chat:
     def recall(self, member: Member, cid: str) -> Acked | None:
         session = self.sessions.get(member.session)
         return session.recall(cid) if session else None
+
+    # Moderation: the rules; back-ends keep and share what it changes
+
+    def banned(self, room_name: str, identity: Identity | None, address: str) -> Ban | None:
+        """The ban that keeps a newcomer out of the room, if any: of its
+        verified name, or, for a guest, of its address."""
+        bans = self.bans.get(room_name)
+        if not bans:
+            return None
+        subject = f"name:{fold(identity.name)}" if identity else f"address:{address}"
+        ban = bans.get(subject)
+        if ban is not None and ban.over(self.wall_clock()):
+            self.lift(room_name, ban)
+            return None
+        return ban
+
+    def ban_for(self, target: Member, by: Member, kick: Kick) -> Ban:
+        """The ban a /ban of `target` makes."""
+        subject = f"name:{fold(target.name)}" if target.verified else f"address:{target.address}"
+        until = None if kick.ban_s == float("inf") else self.wall_clock() + kick.ban_s
+        return Ban(subject, target.name, until, kick.reason, by.name)
+
+    def add_ban(self, room_name: str, ban: Ban) -> None:
+        self.bans.setdefault(room_name, {})[ban.subject] = ban
+
+    def lift(self, room_name: str, ban: Ban) -> None:
+        bans = self.bans.get(room_name, {})
+        if bans.get(ban.subject) is ban:
+            del bans[ban.subject]
+        if not bans:
+            self.bans.pop(room_name, None)
+
+    def room_bans(self, room_name: str) -> list[Ban]:
+        """The room's bans still in force."""
+        now = self.wall_clock()
+        for ban in list(self.bans.get(room_name, {}).values()):
+            if ban.over(now):
+                self.lift(room_name, ban)
+        return list(self.bans.get(room_name, {}).values())
+
+    def bans_named(self, room_name: str, name: str) -> list[Ban]:
+        return [ban for ban in self.room_bans(room_name) if fold(ban.name) == fold(name)]
+
+    def kick(self, by: Member, kick: Kick) -> tuple[Member | None, Ban | None, str | None]:
+        """Remove a member from `by`'s room (in this process): (the member,
+        the ban, why not)."""
+        room = by.room
+        target = room.members.get(fold(kick.name))
+        if target is None:
+            return None, None, f"no one named {kick.name} is in {room.name}"
+        if target is by:
+            return None, None, "you cannot remove yourself; just leave"
+        ban = self.ban_for(target, by, kick) if kick.ban_s is not None else None
+        if ban is not None:
+            self.add_ban(room.name, ban)
+        self.leave(target, quiet=True)
+        room.announce(kicked(room.name, target.name, by.name, kick.reason, ban))
+        return target, ban, None
+
+    def set_topic(self, by: Member, text: str) -> None:
+        by.room.topic = text
+        by.room.announce(topic_set(by.room.name, text, by.name))
+
+    def delete(self, by: Member, seq: int) -> str | None:
+        room = by.room
+        if not room.forget_message(seq):
+            return f"there is no message {seq} in the history of {room.name}"
+        room.announce(deleted(room.name, seq, by.name))
+        return None
 
     def remember(self, member: Member, cid: str, seq: int | None) -> None:
         session = self.sessions.get(member.session)
@@ -862,6 +1125,8 @@ class Chat:
     def command(self, member: Member, line: str) -> Decision:
         verb, _, argument = line.partition(" ")
         verb, argument = verb.lower(), argument.strip()
+        if verb == "/nick" and member.verified:
+            return Refuse("your name comes from your sign-in; it cannot be changed here")
         if verb == "/nick":
             new = unicodedata.normalize("NFC", argument)
             problem = "usage: /nick NAME" if not new else name_problem(new)
@@ -873,7 +1138,10 @@ class Chat:
         if verb == "/who":
             return Who()
         if verb == "/help":
-            return Reply(help_frame(member.room.name))
+            return Reply(help_frame(member.room.name, member.mod))
+        if verb in MODERATOR_COMMANDS:
+            return moderation(verb, argument) if member.mod else \
+                Refuse(f"only moderators may use {verb}")
         return Refuse(f"unknown command {verb[:40]}; try /help (start with // to send a "
                       "literal /)")
 
@@ -1111,6 +1379,30 @@ class Rooms:
         """Remember that `member`'s session's line `cid` was acked."""
         raise NotImplementedError
 
+    # Moderation (the rules are Chat's; `member` is a moderator)
+
+    async def kick(self, member: Member, kick: Kick) -> str | None:
+        """Remove (and ban) a member of `member`'s room, on whichever
+        connection it is: its connection is closed with 4001, the room gets a
+        kick notice.  Or say why not."""
+        raise NotImplementedError
+
+    async def unban(self, member: Member, name: str) -> str | None:
+        raise NotImplementedError
+
+    async def set_topic(self, member: Member, text: str) -> None:
+        raise NotImplementedError
+
+    async def delete(self, member: Member, seq: int) -> str | None:
+        """Take a message out of the room's history, with a delete notice."""
+        raise NotImplementedError
+
+    def expel(self, member: Member, by: str, reason: str) -> None:
+        """Close the connection of a member a moderator removed."""
+        if member.connection is not None:
+            words = f"removed by {by}" + (f": {reason}" if reason else "")
+            member.connection.close(CLOSE_KICKED, words.encode()[:120].decode(errors="ignore"))
+
     def replace(self, member: Member) -> None:
         """Close `member`'s connection: its name and session went to a new one."""
         log.info("replacing %s in %s from %s: it is back on a new connection",
@@ -1161,7 +1453,32 @@ class Rooms:
             return [decision.frame], None, None
         if isinstance(decision, Refuse):
             return [], None, decision.message
-        return [], None, None
+        if decision is None:
+            return [], None, None
+        return await self.moderate(member, decision)
+
+    async def moderate(self, member: Member, decision: Moderation
+                       ) -> tuple[list[dict], int | None, str | None]:
+        """Carry out a moderator's command, and log it: who, what, whom
+        (never a message's text)."""
+        room = member.room.name
+        frames, subject = [], ""
+        if isinstance(decision, Kick):
+            problem, subject = await self.kick(member, decision), decision.name
+        elif isinstance(decision, Unban):
+            problem, subject = await self.unban(member, decision.name), decision.name
+        elif isinstance(decision, SetTopic):
+            problem = await self.set_topic(member, decision.text)
+        elif isinstance(decision, Delete):
+            problem, subject = await self.delete(member, decision.seq), str(decision.seq)
+        else:
+            problem, frames = None, [ban_list(room, self.chat.room_bans(room))]
+        if problem is None and not isinstance(decision, ListBans):
+            what = "ban" if isinstance(decision, Kick) and decision.ban_s else \
+                type(decision).__name__.lower()
+            log.info("moderation room=%s by=%s action=%s subject=%s", room, member.name,
+                     what, printable(subject, 64))
+        return frames, None, problem
 
 
 class MemoryRooms(Rooms):
@@ -1173,13 +1490,13 @@ class MemoryRooms(Rooms):
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
         chat = self.chat
         room = chat.open_room(ticket.room, ticket.address, reservation=ticket.reservation)
-        holder = chat.holder(ticket.room, ticket.name, ticket.key)
+        holder = chat.holder(ticket.room, ticket.name, ticket.key, ticket.identity)
         if holder is not None:
             chat.leave(holder, replaced=True)
             self.replace(holder)
         with self.fanout.joining(room):
             return chat.join(ticket.room, ticket.name, ticket.since, ticket.epoch,
-                             ticket.address, ticket.key)
+                             ticket.address, ticket.key, ticket.identity)
 
     def leave(self, member: Member) -> None:
         self.chat.leave(member)
@@ -1202,6 +1519,39 @@ class MemoryRooms(Rooms):
 
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
         self.chat.remember(member, cid, seq)
+
+    async def kick(self, member: Member, kick: Kick) -> str | None:
+        target, ban, problem = self.chat.kick(member, kick)
+        if target is not None:
+            self.expel(target, member.name, kick.reason)
+            self.fanout.publish(member.room)
+            if ban is not None:
+                await self.keep_ban(member.room.name, ban)
+        return problem
+
+    async def unban(self, member: Member, name: str) -> str | None:
+        bans = self.chat.bans_named(member.room.name, name)
+        if not bans:
+            return f"{name} is not banned from {member.room.name}"
+        for ban in bans:
+            self.chat.lift(member.room.name, ban)
+            await self.lift_ban(member.room.name, ban)
+        return None
+
+    async def set_topic(self, member: Member, text: str) -> None:
+        self.chat.set_topic(member, text)
+        self.fanout.publish(member.room)
+
+    async def delete(self, member: Member, seq: int) -> str | None:
+        problem = self.chat.delete(member, seq)
+        self.fanout.publish(member.room)
+        return problem
+
+    async def keep_ban(self, room_name: str, ban: Ban) -> None:
+        """A ban was made (a back-end that keeps rooms keeps it too)."""
+
+    async def lift_ban(self, room_name: str, ban: Ban) -> None:
+        """A ban was lifted."""
 
 
 def open_rooms(config: Config, chat: Chat, fanout: Fanout) -> Rooms:
@@ -1245,6 +1595,7 @@ class Ticket:
     key: str | None = None  # a welcome's key: take this name back from an old connection
     acks: bool = False  # acks=1: each frame is {"cid", "line"} and gets an ack or an error
     reservation: Reservation | None = None  # the new room it opens, if any
+    identity: Identity | None = None  # who its sign-in token says it is
 
 
 class Client(asyncio.Protocol):
@@ -1451,6 +1802,7 @@ class ChatServer:
         self.metrics = Metrics()
         self.chat = Chat(config)
         self.rooms = open_rooms(config, self.chat, Fanout(config, self.metrics))
+        self.auth = open_auth(config)  # (verify, secret), or None: everyone is a guest
         self.clients: set[Client] = set()  # in the chat, past the handshake
         self.connections = 0  # every TCP connection, from its accept to its close
         self.per_ip: collections.Counter[str] = collections.Counter()
@@ -1681,11 +2033,32 @@ class ChatServer:
         params = parse_query(query)
         since = parse_since(params.get("since"))
         key = params.get("key")
+        identity = self.identify(room, params.get("token"))
+        ban = self.chat.banned(room, identity, address)
+        if ban is not None:
+            until = "for good" if ban.until is None else time.strftime(
+                "until %Y-%m-%d %H:%M UTC", time.gmtime(ban.until))
+            raise Refused(403, f"you are banned from {room} {until}"
+                               + (f": {ban.reason}" if ban.reason else ""))
         if self.per_ip[address] > config.max_per_ip - (client.counted_as is None):
             raise Refused(503, "too many connections from your address")
         self.rooms.check_room(room, address)
         return Ticket(room, params.get("name"), since, params.get("epoch"), address,
-                      key if key and KEY.match(key) else None, acks=params.get("acks") == "1")
+                      key if key and KEY.match(key) else None, acks=params.get("acks") == "1",
+                      identity=identity)
+
+    def identify(self, room: str, token: str | None) -> Identity | None:
+        """Who the sign-in token says the client is (--auth-secret); 401 or
+        403 if it says nothing good.  Without --auth-secret, tokens are
+        not read: everyone is a guest."""
+        if self.auth is None:
+            return None
+        if not token:
+            if self.config.require_auth:
+                raise Refused(401, "this chat needs a sign-in token (?token=)")
+            return None
+        verify, secret = self.auth
+        return verify(token, secret, room)
 
     def client_address(self, client: Client, request: Request) -> str:
         if self.config.trust_proxy:
@@ -1888,6 +2261,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="rooms one address may open a minute, and at once")
     add("--trust-proxy", action="store_true",
         help="take the client address from X-Forwarded-For (behind a reverse proxy)")
+    add("--auth-secret", metavar="FILE",
+        help="accept sign-in tokens (?token=, JWT HS256) signed with the secret in FILE: "
+             "verified names and moderators (pip install chatserver[auth]); make tokens "
+             "with `chatserver token`")
+    add("--require-auth", action="store_true",
+        help="refuse connections without a valid sign-in token (401); needs --auth-secret")
     add("--allow-origin", action="append", default=[], metavar="ORIGIN",
         help="accept pages from this Origin only (repeatable; default: any origin)")
     add("--max-buffer", type=int, default=MAX_BUFFER_BYTES,
@@ -1924,6 +2303,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error("--batch-window takes 0 to 1000 milliseconds")
     if args.keyfile and not args.certfile:
         parser.error("--keyfile needs --certfile")
+    if args.require_auth and not args.auth_secret:
+        parser.error("--require-auth needs --auth-secret")
     for flag in ("history", "crowd", "max_chars", "max_size", "burst", "max_rooms", "max_clients",
                  "max_per_ip", "max_buffer", "store_rooms", "history_bytes", "rooms_per_ip"):
         if getattr(args, flag) < 1:
@@ -1948,6 +2329,9 @@ def check_scale_out_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.store and args.broker:
         parser.error("--store and --broker cannot go together: with --broker, Redis keeps "
                      "the rooms")
+    if args.auth_secret and args.broker:
+        parser.error("--auth-secret does not work with --broker yet: verified names, bans "
+                     "and topics are kept by one process or its --store only")
     if args.workers > 1 and not args.broker:
         parser.error("--workers needs --broker redis://HOST:PORT/DB: worker processes "
                      "share their rooms only through Redis")
@@ -2150,7 +2534,27 @@ def run_loop(config: Config, coroutine) -> None:
     uvloop.run(coroutine)
 
 
+def open_auth(config: Config) -> tuple[Callable, bytes] | None:
+    """How sign-in tokens are checked (--auth-secret), imported only then;
+    Unavailable with a one-line reason if they cannot be."""
+    if not config.auth_secret:
+        return None
+    try:
+        import chatserver_auth  # needs PyJWT
+    except ImportError as exc:
+        raise Unavailable(f"--auth-secret needs PyJWT (pip install chatserver[auth]): "
+                          f"{exc}") from None
+    try:
+        return chatserver_auth.verify, chatserver_auth.load_secret(config.auth_secret)
+    except ValueError as exc:
+        raise Unavailable(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:  # chatserver token ...: print a sign-in token
+        from chatserver_auth import token_main
+        return token_main(argv[1:])
     config = parse_args(argv)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -32,12 +32,12 @@ import threading
 import time
 import weakref
 
-from chatserver import (CID_MEMORY_LINES, Chat, Config, Fanout, Member, MemoryRooms, Outgoing,
-                        Ticket, Unavailable, chat, encode, session_keep_s)
+from chatserver import (CID_MEMORY_LINES, Ban, Chat, Config, Fanout, Member, MemoryRooms,
+                        Outgoing, Ticket, Unavailable, chat, encode, session_keep_s)
 
 log = logging.getLogger("chatserver")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 1000  # a write that waits this long for a lock has failed
 GROUP_JOBS = 1000  # at most this many jobs in one commit
 SPENT_KEYS = 10_000  # keys spent lately, refused even if the disk still has them
@@ -46,12 +46,24 @@ SPENT_KEYS = 10_000  # keys spent lately, refused even if the disk still has the
 COMMIT_INTERVAL_S = 0.004
 CACHE_KIB = 16384
 
+BANS_TABLE = """
+CREATE TABLE bans (            -- moderators' bans (chatserver.Ban)
+  room TEXT NOT NULL,
+  subject TEXT NOT NULL,       -- name:FOLDED or address:ADDR
+  name TEXT NOT NULL,
+  until REAL,                  -- unix time; NULL: for ever
+  reason TEXT NOT NULL,
+  by TEXT NOT NULL,
+  PRIMARY KEY (room, subject)
+) WITHOUT ROWID;
+"""
 SCHEMA = """
 CREATE TABLE rooms (
   name TEXT PRIMARY KEY,
   epoch TEXT NOT NULL,
   seq INTEGER NOT NULL,        -- the last seq given out
-  active_at REAL NOT NULL      -- when the last message was posted (unix time)
+  active_at REAL NOT NULL,     -- when the last message was posted (unix time)
+  topic TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX rooms_by_activity ON rooms (active_at);
 CREATE TABLE messages (
@@ -72,7 +84,12 @@ CREATE TABLE keys (            -- the welcome keys that name a session now
   key TEXT PRIMARY KEY,
   session TEXT NOT NULL
 ) WITHOUT ROWID;
-"""
+""" + BANS_TABLE
+
+# From each schema to the next, applied in order when an older store opens.
+MIGRATIONS = {
+    1: "ALTER TABLE rooms ADD COLUMN topic TEXT NOT NULL DEFAULT '';" + BANS_TABLE,
+}
 
 
 @dataclasses.dataclass
@@ -80,6 +97,7 @@ class StoredRoom:
     epoch: str
     seq: int
     frames: list[tuple[int, bytes]]  # the last --history messages, oldest first
+    topic: str = ""
 
 
 class Store:
@@ -122,6 +140,10 @@ class Store:
                     raise Unavailable(f"{self.path} is a SQLite database, but not a "
                                       "chatserver store")
                 db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; "
+                                 "COMMIT;")
+                version = SCHEMA_VERSION
+            for old in range(version, SCHEMA_VERSION):  # an older store: brought up
+                db.executescript(f"BEGIN; {MIGRATIONS[old]} PRAGMA user_version = {old + 1}; "
                                  "COMMIT;")
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise Unavailable(f"the store {self.path} cannot use a WAL journal")
@@ -278,13 +300,14 @@ class Load:
 
     def __call__(self, store: Store) -> StoredRoom | None:
         db = store.db
-        row = db.execute("SELECT epoch, seq FROM rooms WHERE name = ?", (self.room,)).fetchone()
+        row = db.execute("SELECT epoch, seq, topic FROM rooms WHERE name = ?",
+                         (self.room,)).fetchone()
         if row is None:
             return None
-        epoch, seq = row
+        epoch, seq, topic = row
         frames = db.execute("SELECT seq, frame FROM messages WHERE room = ? AND seq > ? "
                             "ORDER BY seq", (self.room, seq - self.history)).fetchall()
-        return StoredRoom(epoch, seq, frames)
+        return StoredRoom(epoch, seq, frames, topic)
 
 
 @dataclasses.dataclass
@@ -300,14 +323,16 @@ class Post:
     session: str
     cid: str | None
     known: int  # the room's last seq as the chat knows it
+    verified: bool = False
     writes = True
 
     def __call__(self, store: Store) -> tuple[int, bytes]:
         db = store.db
         seq = store.number(self.room, self.known)
-        frame = encode(chat(self.room, self.name, self.text, seq, self.action))
+        frame = encode(chat(self.room, self.name, self.text, seq, self.action, self.verified))
         now = time.time()
-        db.execute("INSERT INTO rooms VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+        db.execute("INSERT INTO rooms (name, epoch, seq, active_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (name) DO UPDATE "
                    "SET seq = excluded.seq, active_at = excluded.active_at",
                    (self.room, self.epoch, seq, now))
         db.execute("INSERT INTO messages VALUES (?, ?, ?)", (self.room, seq, frame))
@@ -316,6 +341,67 @@ class Post:
         if self.cid is not None:
             Remember(self.session, self.cid, seq)(store)
         return seq, frame
+
+
+@dataclasses.dataclass
+class SetTopic:
+    room: str
+    epoch: str
+    seq: int
+    topic: str
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        store.db.execute("INSERT INTO rooms VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                         "SET topic = excluded.topic",
+                         (self.room, self.epoch, self.seq, time.time(), self.topic))
+
+
+@dataclasses.dataclass
+class Forget:
+    """Delete the message `seq` of `room` (a moderator's /delete)."""
+
+    room: str
+    seq: int
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        store.db.execute("DELETE FROM messages WHERE room = ? AND seq = ?", (self.room, self.seq))
+
+
+@dataclasses.dataclass
+class KeepBan:
+    room: str
+    ban: Ban
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        ban = self.ban
+        store.db.execute("INSERT OR REPLACE INTO bans VALUES (?, ?, ?, ?, ?, ?)",
+                         (self.room, ban.subject, ban.name, ban.until, ban.reason, ban.by))
+
+
+@dataclasses.dataclass
+class LiftBan:
+    room: str
+    subject: str
+    writes = True
+
+    def __call__(self, store: Store) -> None:
+        store.db.execute("DELETE FROM bans WHERE room = ? AND subject = ?",
+                         (self.room, self.subject))
+
+
+@dataclasses.dataclass
+class LoadBans:
+    """Every ban in force: they are checked at the handshake, so all are in memory."""
+
+    writes = False
+
+    def __call__(self, store: Store) -> list[tuple[str, Ban]]:
+        rows = store.db.execute("SELECT room, subject, name, until, reason, by FROM bans "
+                                "WHERE until IS NULL OR until > ?", (time.time(),)).fetchall()
+        return [(room, Ban(*fields)) for room, *fields in rows]
 
 
 @dataclasses.dataclass
@@ -396,6 +482,7 @@ class Prune:
         db.execute("DELETE FROM lines WHERE at < ?", (now - 2 * self.keep_s,))
         db.execute("DELETE FROM keys WHERE NOT EXISTS "
                    "(SELECT 1 FROM lines WHERE lines.session = keys.session)")
+        db.execute("DELETE FROM bans WHERE until <= ?", (now,))  # over
         return len(old)
 
 
@@ -420,6 +507,8 @@ class StoreRooms(MemoryRooms):
 
     async def start(self) -> None:
         self.store.open()
+        for room_name, ban in await self.store.call(LoadBans()):
+            self.chat.add_ban(room_name, ban)
         log.info("store %s", self.store.path)
 
     async def close(self) -> None:
@@ -473,6 +562,7 @@ class StoreRooms(MemoryRooms):
             return
         room = self.chat.open_room(room_name, ticket.address, reservation=ticket.reservation)
         room.epoch = stored.epoch
+        room.topic = stored.topic
         room.seq = room.delivered_seq = stored.seq
         for seq, frame in stored.frames:
             room.remember(seq, frame)
@@ -497,7 +587,8 @@ class StoreRooms(MemoryRooms):
                 return seq
         room = member.room
         post = self.store.call(Post(room.name, room.epoch, member.name, text, action,
-                                    self.history, member.session, cid, room.seq))
+                                    self.history, member.session, cid, room.seq,
+                                    member.verified))
         self.posting[member] = post
         if cid is not None:
             self.in_flight[member.session, cid] = post
@@ -515,6 +606,23 @@ class StoreRooms(MemoryRooms):
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
         await self.store.call(Remember(member.session, cid, seq))
         self.chat.remember(member, cid, seq)
+
+    # Moderation: on disk first, like a message
+
+    async def set_topic(self, member: Member, text: str) -> None:
+        room = member.room
+        await self.store.call(SetTopic(room.name, room.epoch, room.seq, text))
+        await super().set_topic(member, text)
+
+    async def delete(self, member: Member, seq: int) -> str | None:
+        await self.store.call(Forget(member.room.name, seq))
+        return await super().delete(member, seq)
+
+    async def keep_ban(self, room_name: str, ban: Ban) -> None:
+        await self.store.call(KeepBan(room_name, ban))
+
+    async def lift_ban(self, room_name: str, ban: Ban) -> None:
+        await self.store.call(LiftBan(room_name, ban.subject))
 
     async def rename(self, member: Member, new: str) -> str | None:
         """After the member's lines on their way (pipelined): its nick notice

@@ -1,0 +1,232 @@
+"""Signed identities and moderation (--auth-secret): tokens made by PyJWT,
+real servers in memory and with --store, real websockets clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import jwt
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import ROOT, chat_lines, join
+
+SECRET = b"s" * 40
+
+# Every test runs in memory and with --store; with --broker the server
+# refuses --auth-secret at start (test_the_flags_are_checked_at_start).
+both = pytest.mark.parametrize("backend", ["memory", "store"])
+
+
+def token(name: str = "alice", ttl: float = 60, secret: bytes = SECRET, **claims) -> str:
+    return jwt.encode({"sub": name, "exp": int(time.time() + ttl), **claims}, secret,
+                      algorithm="HS256")
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    return str(path)
+
+
+@pytest.fixture
+async def chat(start_chat, secret_file):
+    return await start_chat(auth_secret=secret_file)
+
+
+async def refused(chat, room: str, **params) -> tuple[int, str]:
+    with pytest.raises(InvalidStatus) as caught:
+        await chat.join(room, **params)
+    response = caught.value.response
+    return response.status_code, response.body.decode()
+
+
+@both
+async def test_a_token_vouches_for_a_name_and_a_bad_one_is_refused(chat):
+    room = chat.room()
+    alice = await chat.join(room, token=token("alice", mod=[room]))
+    assert alice.name == "alice" and alice.welcome["verified"] == ["alice"]
+    assert alice.welcome["mod"] is True and alice.welcome["topic"] == ""
+    guest = await chat.join(room, name="bob")
+    assert guest.welcome["verified"] == ["alice"] and "mod" not in guest.welcome
+    assert (await alice.expect(event="join", name="bob")).get("verified") is None
+    await alice.send("signed")
+    frame = await guest.expect(type="user")
+    assert frame["id"] == "alice" and frame["verified"] is True
+    await guest.send("plain")
+    assert "verified" not in await alice.expect(type="user", message="plain")
+
+    unsigned = jwt.encode({"sub": "eve", "exp": int(time.time()) + 60}, None, algorithm="none")
+    head, body, signature = token("eve").split(".")
+    tampered = ".".join((head, jwt.utils.base64url_encode(
+        json.dumps({"sub": "alice", "exp": int(time.time()) + 60}).encode()).decode(), signature))
+    cases = [(token("eve", ttl=-10), 401, "expired"),
+             (token("eve", secret=b"x" * 40), 401, "not signed"),
+             (unsigned, 401, "invalid"),
+             (tampered, 401, "not signed"),
+             ("not.a.token", 401, "invalid"),
+             (token("eve", rooms=["other", "dev-*"]), 403, "does not open"),
+             (token("bad name\n"), 401, "not a valid name")]
+    for bad, status, words in cases:
+        code, body = await refused(chat, room, token=bad)
+        assert (code, words in body) == (status, True), (bad, code, body)
+    assert await chat.join(room, token=token("eve", rooms=[f"{room[:4]}*"]))  # a pattern
+    assert all(bad not in text for _, text in chat.logs() for bad, _, _ in cases)
+
+
+@both
+async def test_require_auth_refuses_guests(start_chat, secret_file):
+    chat = await start_chat(auth_secret=secret_file, require_auth=True)
+    room = chat.room()
+    assert (await refused(chat, room, name="guest"))[0] == 401
+    assert (await chat.join(room, token=token("carol"))).name == "carol"
+
+
+@both
+async def test_a_verified_name_is_taken_from_a_guest_who_holds_it(chat):
+    room = chat.room()
+    guest = await chat.join(room, name="alice")
+    alice = await chat.join(room, token=token("alice"))
+    assert alice.name == "alice"
+    notice = await guest.expect(event="nick")
+    assert (notice["old"], notice["name"]) == ("alice", "alice-2")
+    await guest.send("/nick alice")
+    assert "taken" in (await guest.expect(event="error"))["message"]
+    await alice.send("/nick other")
+    assert "sign-in" in (await alice.expect(event="error"))["message"]
+    again = await chat.join(room, token=token("alice"))  # a second tab: it takes over
+    assert again.name == "alice"
+    with pytest.raises(ConnectionClosed) as closed:
+        await alice.expect(event="never")
+    assert closed.value.rcvd.code == 4000
+
+
+@both
+async def test_moderators_kick_ban_unban_and_others_may_not(chat):
+    room = chat.room()
+    mod = await chat.join(room, token=token("mod", mod=True))
+    troll = await chat.join(room, name="troll")
+    verified = await chat.join(room, token=token("vic"))
+    outsider_mod = await chat.join(room, token=token("other", mod=["elsewhere"]))
+    for command in ("/kick mod", "/ban mod", "/topic x", "/delete 1", "/bans", "/unban x"):
+        await troll.send(command)
+        assert "only moderators" in (await troll.expect(event="error"))["message"]
+    await outsider_mod.send("/kick troll")
+    assert "only moderators" in (await outsider_mod.expect(event="error"))["message"]
+    await troll.send("/help")
+    assert "/kick" not in (await troll.expect(event="help"))["message"]
+    await mod.send("/help")
+    assert "/kick" in (await mod.expect(event="help"))["message"]
+
+    await mod.send("/kick troll spamming links")
+    notice = await verified.expect(event="kick")
+    assert (notice["name"], notice["by"], notice["reason"]) == ("troll", "mod", "spamming links")
+    with pytest.raises(ConnectionClosed) as closed:
+        await troll.expect(event="never")
+    assert closed.value.rcvd.code == 4001 and "spamming links" in closed.value.rcvd.reason
+    troll = await chat.join(room, name="troll")  # a kick is not a ban
+
+    await mod.send("/ban troll 2h flooding")
+    notice = await verified.expect(event="kick")
+    assert notice["ban"] is True and notice["until"] > time.time() * 1000 + 7100_000
+    code, body = await refused(chat, room, name="someone-else")  # a guest: by address
+    assert code == 403 and "flooding" in body
+    await mod.send("/ban vic 0")
+    assert (await mod.expect(event="kick", name="vic"))["until"] is None
+    assert (await refused(chat, room, token=token("vic")))[0] == 403
+    await mod.send("/bans")
+    bans = (await mod.expect(event="bans"))["bans"]
+    assert sorted((b["name"], b["kind"]) for b in bans) == [("troll", "address"), ("vic", "name")]
+    await mod.send("/unban troll")
+    await mod.send("/unban nobody")
+    assert "not banned" in (await mod.expect(event="error"))["message"]
+    assert (await chat.join(room, name="troll")).name == "troll"
+    assert (await refused(chat, room, token=token("vic")))[0] == 403
+    await mod.send("/kick nobody")
+    assert "no one named" in (await mod.expect(event="error"))["message"]
+    logged = [text for _, text in chat.logs() if text.startswith("moderation")]
+    assert len(logged) == 4 and all("flooding" not in text for text in logged)
+    assert "action=ban subject=vic" in " ".join(logged)
+
+
+@both
+async def test_topic_and_delete_reach_everyone_and_every_newcomer(chat):
+    room = chat.room()
+    mod = await chat.join(room, token=token("mod", mod=[room]))
+    reader = await chat.join(room, name="reader")
+    for text in ("one", "two", "three"):
+        await mod.send(text)
+    seqs = [seq for seq, _, _ in await chat_lines(reader, 3)]
+    await mod.send("/topic Rules: be kind")
+    notice = await reader.expect(event="topic")
+    assert (notice["topic"], notice["by"]) == ("Rules: be kind", "mod")
+    await mod.send(f"/delete {seqs[1]}")
+    assert (await reader.expect(event="delete"))["seq"] == seqs[1]
+    await mod.send("/delete 999")
+    assert "no message 999" in (await mod.expect(event="error"))["message"]
+    newcomer = await chat.join(room, name="new")
+    assert newcomer.welcome["topic"] == "Rules: be kind"
+    assert [f["message"] for f in newcomer.backlog if f["type"] == "user"] == ["one", "three"]
+    resumed = await chat.join(room, name="back", since=seqs[0], epoch=mod.welcome["epoch"])
+    assert [f["message"] for f in resumed.backlog if f["type"] == "user"] == ["three"]
+
+
+async def test_bans_the_topic_and_deletions_survive_a_restart_of_the_store(
+        run_process, tmp_path, secret_file):
+    args = ("--store", str(tmp_path / "rooms.db"), "--auth-secret", secret_file)
+    server = run_process(*args)
+    mod = await join(server.url, "kept", token=token("mod", mod=True))
+    victim = await join(server.url, "kept", token=token("vic"))
+    for text in ("one", "two"):
+        await mod.send(text)
+    seqs = [seq for seq, _, _ in await chat_lines(victim, 2)]
+    await mod.send("/topic kept")
+    await mod.send(f"/delete {seqs[0]}")
+    await mod.send("/ban vic 0 rude")
+    await mod.expect(event="kick", name="vic")  # each carried out in order, so all are saved
+    server.popen.kill()
+    server.popen.wait()
+    server = run_process(*args)
+    with pytest.raises(InvalidStatus) as caught:
+        await join(server.url, "kept", token=token("vic"))
+    assert caught.value.response.status_code == 403
+    assert "rude" in caught.value.response.body.decode()
+    back = await join(server.url, "kept", name="reader")
+    assert back.welcome["topic"] == "kept"
+    assert [f["message"] for f in back.backlog if f["type"] == "user"] == ["two"]
+
+
+def start_fails(*args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "chatserver.py"), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_the_flags_are_checked_at_start(tmp_path, secret_file):
+    short = tmp_path / "short"
+    short.write_bytes(b"tooshort")
+    assert "shorter than 32 bytes" in start_fails("--auth-secret", str(short))
+    assert "cannot read the auth secret" in start_fails("--auth-secret", str(tmp_path / "none"))
+    assert "needs --auth-secret" in start_fails("--require-auth")
+    assert "does not work with --broker" in start_fails(
+        "--auth-secret", secret_file, "--broker", "redis://127.0.0.1:1/0")
+
+
+async def test_chatserver_token_prints_a_token_the_server_accepts(run_process, secret_file):
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "chatserver.py"), "token", "--secret-file", secret_file,
+         "--name", "dana", "--mod", "--rooms", "dev-*", "--ttl", "600"],
+        capture_output=True, text=True, timeout=30, check=True)
+    claims = jwt.decode(made.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "dana" and claims["mod"] is True and claims["rooms"] == ["dev-*"]
+    assert 590 < claims["exp"] - time.time() <= 600
+    server = run_process("--auth-secret", secret_file)
+    dana = await join(server.url, "dev-1", token=made.stdout.strip())
+    assert (dana.name, dana.welcome["mod"], dana.welcome["verified"]) == ("dana", True, ["dana"])
+    with pytest.raises(InvalidStatus):
+        await join(server.url, "lobby", token=made.stdout.strip())
