@@ -1367,8 +1367,8 @@ class Rooms:
         """Rename `member`, announcing it; or return why not."""
         raise NotImplementedError
 
-    async def who(self, member: Member) -> list[str]:
-        """Everyone in `member`'s room."""
+    async def who(self, member: Member) -> tuple[list[str], list[str]]:
+        """Everyone in `member`'s room, and the verified names among them."""
         raise NotImplementedError
 
     async def recall(self, member: Member, cid: str) -> Acked | None:
@@ -1448,7 +1448,7 @@ class Rooms:
         if isinstance(decision, Rename):
             return [], None, await self.rename(member, decision.new)
         if isinstance(decision, Who):
-            return [who(member.room.name, await self.who(member))], None, None
+            return [who(member.room.name, *await self.who(member))], None, None
         if isinstance(decision, Reply):
             return [decision.frame], None, None
         if isinstance(decision, Refuse):
@@ -1511,8 +1511,8 @@ class MemoryRooms(Rooms):
     async def rename(self, member: Member, new: str) -> str | None:
         return self.chat.rename(member, new)
 
-    async def who(self, member: Member) -> list[str]:
-        return member.room.online()
+    async def who(self, member: Member) -> tuple[list[str], list[str]]:
+        return member.room.online(), member.room.verified()
 
     async def recall(self, member: Member, cid: str) -> Acked | None:
         return self.chat.recall(member, cid)
@@ -2329,9 +2329,6 @@ def check_scale_out_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.store and args.broker:
         parser.error("--store and --broker cannot go together: with --broker, Redis keeps "
                      "the rooms")
-    if args.auth_secret and args.broker:
-        parser.error("--auth-secret does not work with --broker yet: verified names, bans "
-                     "and topics are kept by one process or its --store only")
     if args.workers > 1 and not args.broker:
         parser.error("--workers needs --broker redis://HOST:PORT/DB: worker processes "
                      "share their rooms only through Redis")

@@ -40,9 +40,11 @@ import secrets
 import weakref
 
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
-                        Acked, Chat, Config, Fanout, Member, Outgoing, Refused, Room, Rooms,
-                        Ticket, Unavailable, Unconfirmed, chat, encode, fold, gap, joined, left,
-                        newcomer_frames, renamed, safe_url, session_keep_s)
+                        Acked, Ban, Chat, Config, Fanout, Kick, Member, Outgoing, Refused, Room,
+                        Rooms,
+                        Ticket, Unavailable, Unconfirmed, chat, deleted, encode, fold, gap,
+                        joined, kicked, left, newcomer_frames, renamed, safe_url,
+                        session_keep_s, topic_set)
 
 log = logging.getLogger("chatserver")
 
@@ -81,6 +83,7 @@ class Admission:
 
     passed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     online: list[str] = dataclasses.field(default_factory=list)  # as of its join notice
+    verified: list[str] = dataclasses.field(default_factory=list)  # of those
     frames: list[bytes] = dataclasses.field(default_factory=list)  # queued since
 
 
@@ -99,6 +102,7 @@ class SharedRoom(Room):
     ever_synced: bool = False
     early: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     names: dict[str, str] = dataclasses.field(default_factory=dict)  # folded -> name, in order
+    vouched: set[str] = dataclasses.field(default_factory=set)  # the verified ones, folded
     admissions: dict[bytes, Admission] = dataclasses.field(default_factory=dict)  # by join id
     advanced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # seq grew
 
@@ -127,7 +131,11 @@ class SharedRoom(Room):
         notice = self.follow_names(frame)
         if admission is not None:
             admission.online = list(self.names.values())
+            admission.verified = [name for folded, name in self.names.items()
+                                  if folded in self.vouched]
             admission.passed.set()
+        if b'"event":"topic"' in frame:
+            self.topic = json.loads(frame).get("topic", self.topic)
         if notice is not None and notice["event"] != "nick" and self.gather_presence(
                 notice["name"], notice["event"] == "join", len(self.names)):
             return
@@ -145,9 +153,12 @@ class SharedRoom(Room):
         event = notice.get("event")
         if event == "join":
             self.names[fold(notice["name"])] = notice["name"]
+            if notice.get("verified"):
+                self.vouched.add(fold(notice["name"]))
         elif event == "leave":
             self.names.pop(fold(notice["name"]), None)
-        elif event == "nick":
+            self.vouched.discard(fold(notice["name"]))
+        elif event == "nick":  # only guests change names
             self.names.pop(fold(notice["old"]), None)
             self.names[fold(notice["name"])] = notice["name"]
         else:
@@ -168,7 +179,8 @@ class SharedRoom(Room):
     def count(self) -> int:
         return len(self.names)
 
-    def resync(self, epoch: str, last_seq: int, frames: list[bytes], names: list[str]) -> int:
+    def resync(self, epoch: str, last_seq: int, frames: list[bytes], entries: list[dict],
+               topic: str) -> int:
         """Take up Redis's state after a (re)subscription; return how many
         messages were missed for good.
 
@@ -180,14 +192,16 @@ class SharedRoom(Room):
         Notices that came before the sync point are applied to `names` again,
         which changes nothing: the last notice about a name is already there.
         """
-        self.follow_all_names(names)
+        self.follow_all_names(entries)
+        self.topic = topic
         missed = 0
         if self.ever_synced and epoch == self.epoch:
-            first = last_seq - len(frames) + 1
+            history = numbered(frames)
+            first = history[0][0] if history else last_seq + 1
             missed = max(0, first - self.seq - 1)
             if missed:
                 self.announce(gap(self.name, missed))
-            for seq, data in enumerate(frames, first):
+            for seq, data in history:
                 if seq > self.seq:
                     self.pending.append(data)
                     self.pending_seq.append(seq)
@@ -204,10 +218,12 @@ class SharedRoom(Room):
                 self.follow_names(frame.partition(b" ")[2] if head == b"j" else frame)
         return missed
 
-    def follow_all_names(self, names: list[str]) -> None:
-        """Take the room's names from Redis; after a reconnection, announce
-        the joins and leaves the channel did not bring meanwhile."""
-        before, self.names = self.names, {fold(name): name for name in names}
+    def follow_all_names(self, entries: list[dict]) -> None:
+        """Take the room's names from Redis (its `names` entries, in order);
+        after a reconnection, announce the joins and leaves the channel did
+        not bring meanwhile."""
+        before, self.names = self.names, {fold(entry["name"]): entry["name"] for entry in entries}
+        self.vouched = {fold(entry["name"]) for entry in entries if entry.get("verified")}
         if not self.ever_synced:
             return
         changes = [(name, False) for folded, name in before.items() if folded not in self.names]
@@ -225,17 +241,21 @@ class SharedRoom(Room):
             self.pending = []
 
 
-def history_window(last_seq: int, frames: list[bytes], delivered: int,
-                   since: int | None) -> tuple[int, list[bytes]]:
-    """Room.history_since for a history read from Redis.
+def numbered(frames: list[bytes]) -> list[tuple[int, bytes]]:
+    """A history read from Redis, each frame with its seq: the last field of
+    a chat frame, so that Redis can fill it in (see frame_prefix).  Seqs
+    may skip: a moderator deletes messages."""
+    return [(int(data[data.rindex(b":") + 1:-1]), data) for data in frames]
 
-    `frames` hold consecutive seqs ending at `last_seq`; only those up to
-    `delivered` are returned (later ones reach the newcomer by the fan-out).
-    """
-    first = last_seq - len(frames) + 1
+
+def history_window(frames: list[bytes], delivered: int,
+                   since: int | None) -> tuple[int, list[bytes]]:
+    """Room.history_since for a history read from Redis: only frames up to
+    `delivered` are returned (later ones reach the newcomer by the fan-out)."""
+    history = numbered(frames)
     start = 0 if since is None else since
-    kept = [data for seq, data in enumerate(frames, first) if start < seq <= delivered]
-    oldest = first if frames else delivered + 1
+    kept = [data for seq, data in history if start < seq <= delivered]
+    oldest = history[0][0] if history else delivered + 1
     missed = max(0, min(oldest, delivered + 1) - start - 1)
     return (missed if since is not None else 0), kept
 
@@ -257,10 +277,9 @@ def name_candidates(wanted: str, start: int, count: int) -> list[str]:
     return names
 
 
-def online_names(values: list[bytes]) -> list[str]:
-    """The names of a room's `names` hash, in the order they came."""
-    entries = [json.loads(value) for value in values]
-    return [entry["name"] for entry in sorted(entries, key=lambda entry: entry["n"])]
+def name_entries(values: list[bytes]) -> list[dict]:
+    """The entries of a room's `names` hash, in the order they came."""
+    return sorted((json.loads(value) for value in values), key=lambda entry: entry["n"])
 
 
 # The Lua scripts.  Keys are passed in KEYS where the script knows them in
@@ -360,13 +379,24 @@ local function keep(...)
   for _, key in ipairs({...}) do redis.call('PERSIST', key) end
 end
 
-local function leave_notice(room, name, count)
-  -- The `leave` frame of chatserver.left(), for names whose process died.
+local function now_ms()
   local now = redis.call('TIME')
-  local ts = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+  return now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+end
+
+local function leave_notice(room, entry, count)
+  -- The `leave` frame of chatserver.left(), for names whose process died.
   return '- {"type":"sys","event":"leave","room":' .. cjson.encode(room) ..
-    ',"message":' .. cjson.encode(name .. ' has left') .. ',"ts":' .. ts ..
-    ',"name":' .. cjson.encode(name) .. ',"count":' .. count .. '}'
+    ',"message":' .. cjson.encode(entry.name .. ' has left') .. ',"ts":' .. now_ms() ..
+    ',"name":' .. cjson.encode(entry.name) .. ',"count":' .. count ..
+    (entry.verified and ',"verified":true}' or '}')
+end
+
+local function nick_notice(room, old, new)
+  -- The `nick` frame of chatserver.renamed().
+  return '- {"type":"sys","event":"nick","room":' .. cjson.encode(room) ..
+    ',"message":' .. cjson.encode(old .. ' is now known as ' .. new) .. ',"ts":' .. now_ms() ..
+    ',"old":' .. cjson.encode(old) .. ',"name":' .. cjson.encode(new) .. '}'
 end
 
 local function remove_names(room, channel, proc, except)
@@ -380,7 +410,7 @@ local function remove_names(room, channel, proc, except)
       redis.call('HDEL', names_key, values[i])
       local count = redis.call('HLEN', names_key)
       if count > 0 then
-        redis.call('PUBLISH', channel, leave_notice(room, cjson.decode(values[i + 1]).name, count))
+        redis.call('PUBLISH', channel, leave_notice(room, cjson.decode(values[i + 1]), count))
       end
     end
   end
@@ -420,19 +450,20 @@ keep_session(ARGV[5], KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
 
-# KEYS: seq, epoch, history, names.  ARGV: epoch, last seq known, room ttl
-# (ms), "1" if the process synced the room before.  Returns {epoch, last
-# seq, history, names}, or {"wait"} while Redis recovers a room it forgot.
+# KEYS: seq, epoch, history, names, topic.  ARGV: epoch, last seq known,
+# room ttl (ms), "1" if the process synced the room before.  Returns {epoch,
+# last seq, history, names, topic}, or {"wait"} while Redis recovers a room
+# it forgot.
 LUA_SYNC = LUA_COMMON + """
 local epoch = ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3],
                           ARGV[4] == '1')
 if not epoch then return {'wait'} end
 return {epoch, tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('LRANGE', KEYS[3], 0, -1),
-        redis.call('HVALS', KEYS[4])}
+        redis.call('HVALS', KEYS[4]), redis.call('GET', KEYS[5]) or ''}
 """
 
 # KEYS: seq, epoch, history, names, order, this process's rooms, the
-# session of the welcome's key, the session of the newcomer's key.
+# session of the welcome's key, the session of the newcomer's key, topic.
 # ARGV: channel, room, epoch, last seq known, the key of a welcome (or ""),
 # a new session id, ms a session is kept, the join's id, then for each
 # candidate name: folded name, member value prefix (up to its session), join
@@ -458,12 +489,12 @@ for i = 9, #ARGV, 3 do
     redis.call('SET', KEYS[8], session, 'PX', ARGV[7])
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1] .. cjson.encode(session) ..
                ',"n":' .. redis.call('INCR', KEYS[5]) .. '}')
-    keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+    keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[9])
     redis.call('SADD', KEYS[6], ARGV[2])
     local count = redis.call('HLEN', KEYS[4])
     if old then
       redis.call('PUBLISH', ARGV[1], 'r ' .. old.proc .. ' ' .. key .. ' ' .. ARGV[i])
-      redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old.name, count - 1))
+      redis.call('PUBLISH', ARGV[1], leave_notice(ARGV[2], old, count - 1))
     end
     redis.call('PUBLISH', ARGV[1], 'j ' .. ARGV[8] .. ' ' .. ARGV[i + 2] .. count .. '}')
     return {(i - 6) / 3, epoch, tonumber(redis.call('GET', KEYS[1]) or '0'),
@@ -474,7 +505,7 @@ return {0}
 """
 
 # KEYS: names, this process's rooms, the member's session's cids, its order,
-# its key's session, the room's seq, epoch, history and order.  ARGV: channel, room, folded name, process, leave notice
+# its key's session, the room's seq, epoch, history, order and topic.  ARGV: channel, room, folded name, process, leave notice
 # prefix, room ttl (ms), "1" if the process has no one left in the room, the
 # member's key (the name may have been taken over), ms a session is kept.
 LUA_LEAVE = LUA_COMMON + """
@@ -487,7 +518,7 @@ if value and string.find(value, '"proc":"' .. ARGV[4] .. '"', 1, true) and
   if count > 0 then
     redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[5] .. count .. '}')
   else
-    forget_later(ARGV[6], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+    forget_later(ARGV[6], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
   end
 end
 if ARGV[7] == '1' then
@@ -518,7 +549,7 @@ return 1
 # A name put back is announced with a join notice: the room saw it leave
 # (the process was swept), or, after Redis lost its data, may have (a
 # process that synced meanwhile announced what it found gone).
-# KEYS: seq, epoch, history, names, order, this process's rooms.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
+# KEYS: seq, epoch, history, names, order, this process's rooms, topic.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
 # last seq known, then for each member: folded name, member value prefix,
 # join notice prefix.  Returns the folded names someone else took meanwhile.
 LUA_RECONCILE = LUA_COMMON + """
@@ -539,9 +570,9 @@ if redis.call('HLEN', KEYS[4]) > 0 then
   if ARGV[5] ~= '' then
     ensure_room(KEYS[1], KEYS[2], KEYS[3], ARGV[5], tonumber(ARGV[6]), nil, true)
   end
-  keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+  keep(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[7])
 else
-  forget_later(ARGV[4], KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+  forget_later(ARGV[4], KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[7])
 end
 if next(mine) then
   redis.call('SADD', KEYS[6], ARGV[2])
@@ -569,7 +600,8 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       swept = swept + before - after
       if after == 0 and before > 0 then
         forget_later(ARGV[2], room_key(room, 'seq'), room_key(room, 'epoch'),
-                     room_key(room, 'history'), room_key(room, 'order'))
+                     room_key(room, 'history'), room_key(room, 'order'),
+                     room_key(room, 'topic'))
       end
     end
     redis.call('DEL', rooms_key, 'chat:proc:' .. proc)
@@ -577,6 +609,93 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 return swept
+"""
+
+
+# Make way for a verified newcomer: if a guest holds its name, the guest is
+# renamed to the first free candidate (a nick notice; `n PROC KEY NAME`
+# tells its process), and if a verified member holds it, the newcomer takes
+# it over.  KEYS: names, order.  ARGV: channel, room, folded name, then the
+# candidates for the guest: folded, name.  Returns the key of the verified
+# holder to take over, or "".
+LUA_MAKE_WAY = LUA_COMMON + """
+local held = redis.call('HGET', KEYS[1], ARGV[3])
+if not held then return '' end
+local entry = cjson.decode(held)
+if entry.verified then return entry.key end
+for i = 4, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    local old = entry.name
+    entry.name = ARGV[i + 1]
+    entry.n = redis.call('INCR', KEYS[2])
+    redis.call('HDEL', KEYS[1], ARGV[3])
+    redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(entry))
+    redis.call('PUBLISH', ARGV[1], 'n ' .. entry.proc .. ' ' .. entry.key .. ' ' .. ARGV[i + 1])
+    redis.call('PUBLISH', ARGV[1], nick_notice(ARGV[2], old, ARGV[i + 1]))
+    return ''
+  end
+end
+return ''
+"""
+
+# A moderator removes a member: its name goes (no leave notice), its process
+# closes it (`k PROC KEY {"by", "reason"}`), the room gets the kick notice;
+# with a ban, the ban goes out first, so that no process lets it back in
+# after its notice.  KEYS: names, then the room's seq, epoch, history, order
+# and topic, and the bans.  ARGV: channel, folded name, kick notice, what
+# its process is told, room ttl (ms), the ban without its subject and name
+# ("" for none), the bans channel, the room.  Returns the member's entry, or
+# "" if no one has that name.
+LUA_KICK = LUA_COMMON + """
+local held = redis.call('HGET', KEYS[1], ARGV[2])
+if not held then return '' end
+local entry = cjson.decode(held)
+redis.call('HDEL', KEYS[1], ARGV[2])
+if ARGV[6] ~= '' then
+  local ban = cjson.decode(ARGV[6])
+  ban.subject = entry.verified and ('name:' .. ARGV[2]) or ('address:' .. entry.address)
+  ban.name = entry.name
+  local field = ARGV[8] .. '\t' .. ban.subject
+  redis.call('HSET', KEYS[7], field, cjson.encode(ban))
+  redis.call('PUBLISH', ARGV[7], '+ ' .. field .. '\t' .. cjson.encode(ban))
+end
+redis.call('PUBLISH', ARGV[1], 'k ' .. entry.proc .. ' ' .. entry.key .. ' ' .. ARGV[4])
+redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[3])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  forget_later(ARGV[5], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+end
+return held
+"""
+
+# Every room's bans are in one hash (room TAB subject -> ban) and on one
+# channel (`+ ROOM TAB SUBJECT TAB BAN`, `- ROOM TAB SUBJECT`) that every
+# process follows into Chat.bans; a ban is made by LUA_KICK.  Lift one:
+# KEYS: the bans.  ARGV: the bans channel, its field.
+LUA_UNBAN = """
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[2])
+return 1
+"""
+
+# KEYS: topic.  ARGV: channel, topic, topic notice.
+LUA_TOPIC = """
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[3])
+return 1
+"""
+
+# Take message SEQ out of the history.  KEYS: history.  ARGV: channel, the
+# end of its frame ('"seq":N}'), delete notice.  Returns 1, or 0 if the
+# history does not have it.
+LUA_DELETE = """
+for _, frame in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if string.sub(frame, -#ARGV[2]) == ARGV[2] then
+    redis.call('LREM', KEYS[1], 1, frame)
+    redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[3])
+    return 1
+  end
+end
+return 0
 """
 
 
@@ -638,11 +757,15 @@ class RedisRooms(Rooms):
                                          read_timeout=HEARTBEAT_TIMEOUT_S)
         self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
         self.control = f"chat:{self.db}:proc:{self.proc}".encode()
+        self.bans_channel = f"chat:{self.db}:~bans".encode()  # "~": no room has it
         script = self.client.register_script
         self.post_script, self.sync_script = script(LUA_POST), script(LUA_SYNC)
         self.join_script, self.leave_script = script(LUA_JOIN), script(LUA_LEAVE)
         self.rename_script, self.reconcile_script = script(LUA_RENAME), script(LUA_RECONCILE)
         self.sweep_script, self.remember_script = script(LUA_SWEEP), script(LUA_REMEMBER)
+        self.make_way_script, self.kick_script = script(LUA_MAKE_WAY), script(LUA_KICK)
+        self.unban_script, self.topic_script = script(LUA_UNBAN), script(LUA_TOPIC)
+        self.delete_script = script(LUA_DELETE)
         try:  # Redis's generation: its loss tells of Redis losing its data
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 await self.client.set("chat:generation", "1", nx=True)
@@ -682,6 +805,13 @@ class RedisRooms(Rooms):
             if client is not None:
                 await client.aclose()
 
+    async def sweep(self) -> None:
+        """Bans that are over leave Redis (every process tries; one wins)."""
+        now = self.chat.wall_clock()
+        for field, ban in (await self.call(self.client.hgetall, "chat:bans")).items():
+            if Ban(**json.loads(ban)).over(now):
+                await self.call(self.unban_script, ["chat:bans"], [self.bans_channel, field])
+
     def health(self) -> str | None:
         return None if self.up.is_set() else "the message broker is down"
 
@@ -705,31 +835,41 @@ class RedisRooms(Rooms):
         The room's other members never wait for it."""
         if not self.up.is_set():
             raise Unavailable(BROKER_DOWN)
+        identity = ticket.identity
         wanted, notes = self.chat.newcomer_name(ticket.room, ticket.name)
+        if identity is not None:
+            wanted, notes = identity.name, []
         room = self.chat.open_room(ticket.room, ticket.address, SharedRoom, ticket.reservation)
         join_id = secrets.token_hex(8).encode()
         admission = room.admissions[join_id] = Admission()
         try:
             await self.enter(room)
             key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
-            name, claim = await self.claim(room, wanted, key, ticket.key, join_id)
+            taking_over = ticket.key
+            if identity is not None:
+                taking_over = await self.make_way(room, identity.name) or taking_over
+            name, claim = await self.claim(room, wanted, key, taking_over, join_id,
+                                           ticket.address, identity is not None)
             epoch, last_seq, frames, taken_over, session = claim
             member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
                             refilled_at=self.chat.clock(), key=key,
-                            previous_key=ticket.key, session=session.decode())
+                            previous_key=ticket.key, session=session.decode(),
+                            verified=identity is not None,
+                            mod=identity is not None and identity.mod)
             await self.admitted(room, admission, member)
             if epoch.decode() != room.epoch:
                 room.adopt(epoch.decode(), int(last_seq))
             if taken_over:
-                self.evict(room, fold(name), ticket.key)
+                self.evict(room, fold(name), taking_over)
             self.fanout.flush(room)  # up to now: to the others; the newcomer has it
             room.members[fold(name)] = member
         finally:
             del room.admissions[join_id]
             self.forget_if_empty(room)
         since = ticket.since if ticket.epoch == room.epoch else None
-        missed, history = history_window(int(last_seq), frames, int(last_seq), since)
-        out = newcomer_frames(member, admission.online, notes, missed, history, int(last_seq))
+        missed, history = history_window(frames, int(last_seq), since)
+        out = newcomer_frames(member, admission.online, notes, missed, history, int(last_seq),
+                              admission.verified)
         return member, out + [(member, frame) for frame in admission.frames]
 
     async def admitted(self, room: SharedRoom, admission: Admission, member: Member) -> None:
@@ -757,7 +897,7 @@ class RedisRooms(Rooms):
 
     async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
         room = member.room
-        frame = chat(room.name, member.name, text, 0, action)
+        frame = chat(room.name, member.name, text, 0, action, member.verified)
         for _ in range(RECOVERY_TRIES):
             seq, epoch = await self.call(
                 self.post_script,
@@ -786,9 +926,11 @@ class RedisRooms(Rooms):
                     room.advanced.clear()
                     await room.advanced.wait()
 
-    async def who(self, member: Member) -> list[str]:
-        return online_names(await self.call(self.client.hvals,
-                                            f"chat:{member.room.name}:names"))
+    async def who(self, member: Member) -> tuple[list[str], list[str]]:
+        entries = name_entries(await self.call(self.client.hvals,
+                                               f"chat:{member.room.name}:names"))
+        return ([entry["name"] for entry in entries],
+                [entry["name"] for entry in entries if entry.get("verified")])
 
     async def rename(self, member: Member, new: str) -> str | None:
         room = member.room
@@ -796,7 +938,8 @@ class RedisRooms(Rooms):
         granted = await self.call(
             self.rename_script, self.room_keys(room.name, "names", "order"),
             [self.channel(room.name), fold(old), fold(new),
-             self.member_value(new, member.key, member.session),
+             self.member_value(new, member.key, member.session, member.verified,
+                               member.address),
              encode(renamed(room.name, old, new)), member.key])
         if not granted:
             return f"{new} is already taken in {room.name}"
@@ -825,7 +968,8 @@ class RedisRooms(Rooms):
                          int(CID_MEMORY_S * 1000), self.session_ttl_ms])
 
     async def claim(self, room: SharedRoom, wanted: str | None, key: str,
-                    taking_over: str | None, join_id: bytes) -> tuple[str, list]:
+                    taking_over: str | None, join_id: bytes, address: str,
+                    verified: bool) -> tuple[str, list]:
         """Claim `wanted` or the first free of its suffixed variants (or a
         guest name) in Redis, announcing the join; `wanted` held by the
         member whose key is `taking_over` is taken from it.  Returns the name
@@ -848,26 +992,92 @@ class RedisRooms(Rooms):
             args = [self.channel(room.name), room.name, room.epoch, room.seq,
                     taking_over if start == 1 and taking_over else "",
                     secrets.token_urlsafe(16), self.session_ttl_ms, join_id]
+            if verified:  # exactly its name (make_way freed it), or try again
+                names = names[:1]
             for name in names:
-                args += [fold(name), self.member_value(name, key, None),
-                         frame_prefix(joined(room.name, name, 0), "count")]
+                args += [fold(name), self.member_value(name, key, None, verified, address),
+                         frame_prefix(joined(room.name, name, 0, verified), "count")]
             result = await self.call(
                 self.join_script,
                 self.room_keys(room.name, "seq", "epoch", "history", "names", "order")
-                + [self.proc_rooms_key, f"chat:key:{taking_over or '-'}", f"chat:key:{key}"],
+                + [self.proc_rooms_key, f"chat:key:{taking_over or '-'}", f"chat:key:{key}",
+                   f"chat:{room.name}:topic"],
                 args)
             if result[0]:
                 return names[result[0] - 1], result[1:]
+            if verified:  # taken meanwhile by another newcomer
+                raise Unavailable("your name was taken as you came in; try again")
             start += NAME_CANDIDATES
+
+    async def make_way(self, room: SharedRoom, name: str) -> str | None:
+        """Free `name` for a verified newcomer: a guest holding it is renamed
+        (on whichever process it is).  The key of a verified holder, whose
+        place the newcomer takes, or None."""
+        args = [self.channel(room.name), room.name, fold(name)]
+        for candidate in name_candidates(name, 2, NAME_CANDIDATES):
+            args += [fold(candidate), candidate]
+        key = await self.call(self.make_way_script, self.room_keys(room.name, "names", "order"),
+                              args)
+        return key.decode() or None
+
+    # Moderation, for every process: bans in one hash and on one channel
+
+    async def kick(self, member: Member, kick: Kick) -> str | None:
+        room = member.room
+        folded = fold(kick.name)
+        if folded == fold(member.name):
+            return "you cannot remove yourself; just leave"
+        name = room.names.get(folded, kick.name)
+        ban_hint = None  # for the notice: what the ban will say
+        if kick.ban_s is not None:
+            ban_hint = Ban("", name, None if kick.ban_s == float("inf")
+                           else self.chat.wall_clock() + kick.ban_s)
+        notice = kicked(room.name, name, member.name, kick.reason, ban_hint)
+        ban = ""
+        if ban_hint is not None:
+            ban = json.dumps({"until": ban_hint.until, "reason": kick.reason, "by": member.name})
+        held = await self.call(
+            self.kick_script,
+            self.room_keys(room.name, "names", "seq", "epoch", "history", "order", "topic")
+            + ["chat:bans"],
+            [self.channel(room.name), folded, encode(notice),
+             json.dumps({"by": member.name, "reason": kick.reason}), self.room_ttl_ms,
+             ban, self.bans_channel, room.name])
+        return None if held else f"no one named {kick.name} is in {room.name}"
+
+    async def unban(self, member: Member, name: str) -> str | None:
+        room_name = member.room.name
+        bans = self.chat.bans_named(room_name, name)
+        if not bans:
+            return f"{name} is not banned from {room_name}"
+        for ban in bans:
+            self.chat.lift(room_name, ban)
+            await self.call(self.unban_script, ["chat:bans"],
+                            [self.bans_channel, f"{room_name}\t{ban.subject}"])
+        return None
+
+    async def set_topic(self, member: Member, text: str) -> None:
+        room = member.room
+        await self.call(self.topic_script, [f"chat:{room.name}:topic"],
+                        [self.channel(room.name), text,
+                         encode(topic_set(room.name, text, member.name))])
+
+    async def delete(self, member: Member, seq: int) -> str | None:
+        room = member.room
+        found = await self.call(self.delete_script, [f"chat:{room.name}:history"],
+                                [self.channel(room.name), f'"seq":{seq}}}',
+                                 encode(deleted(room.name, seq, member.name))])
+        return None if found else f"there is no message {seq} in the history of {room.name}"
 
     async def leave_redis(self, room: SharedRoom, member: Member, last_here: bool) -> None:
         try:
             await self.call(
                 self.leave_script,
                 [f"chat:{room.name}:names", self.proc_rooms_key, *self.session_keys(member),
-                 *self.room_keys(room.name, "seq", "epoch", "history", "order")],
+                 *self.room_keys(room.name, "seq", "epoch", "history", "order", "topic")],
                 [self.channel(room.name), room.name, fold(member.name), self.proc,
-                 frame_prefix(left(room.name, member.name, 0), "count"), self.room_ttl_ms,
+                 frame_prefix(left(room.name, member.name, 0, member.verified), "count"),
+                 self.room_ttl_ms,
                  int(last_here), member.key, self.session_ttl_ms])
         except Unavailable:
             pass  # the reconciliation after reconnecting removes the name
@@ -895,7 +1105,7 @@ class RedisRooms(Rooms):
             for _ in range(RECOVERY_TRIES):
                 answer = await self.call(
                     self.sync_script,
-                    self.room_keys(room.name, "seq", "epoch", "history", "names"),
+                    self.room_keys(room.name, "seq", "epoch", "history", "names", "topic"),
                     [room.epoch, room.seq, self.room_ttl_ms, int(room.ever_synced)])
                 if answer[0] != b"wait" or self.channels.get(channel) is not room:
                     break
@@ -904,9 +1114,10 @@ class RedisRooms(Rooms):
             return  # the next connection syncs again
         if answer[0] == b"wait":
             return  # its newcomers time out with 1013 and try again
-        epoch, last_seq, frames, values = answer
+        epoch, last_seq, frames, values, topic = answer
         if self.channels.get(self.channel(room.name).encode()) is room:
-            missed = room.resync(epoch.decode(), int(last_seq), frames, online_names(values))
+            missed = room.resync(epoch.decode(), int(last_seq), frames, name_entries(values),
+                                 topic.decode())
             if missed:
                 log.warning("room %s: %d messages missed while the channel was away are "
                             "no longer kept in Redis; its clients got a gap notice",
@@ -941,7 +1152,7 @@ class RedisRooms(Rooms):
             try:
                 for room in self.channels.values():
                     room.synced.clear()
-                await pubsub.subscribe(self.control, *self.channels)
+                await pubsub.subscribe(self.control, self.bans_channel, *self.channels)
                 self.pubsub = pubsub
                 delay = RECONNECT_MIN_S
                 await self.read(pubsub)
@@ -968,14 +1179,16 @@ class RedisRooms(Rooms):
             if message is None:
                 continue
             channel = message["channel"]
-            if message["type"] == "message":
+            if message["type"] == "message" and channel == self.bans_channel:
+                self.follow_bans(message["data"].decode(errors="replace"))
+            elif message["type"] == "message":
                 room = self.channels.get(channel)
                 if room is not None:
                     head, _, frame = message["data"].partition(b" ")
-                    if head == b"r":
+                    if head in (b"r", b"n", b"k"):  # for one process: about one member
                         parts = frame.decode(errors="replace").split(" ", 2)
                         if len(parts) == 3 and parts[0] == self.proc:
-                            self.evict(room, parts[2], parts[1])
+                            self.for_member(head, room, parts[1], parts[2])
                         continue
                     if head not in (b"-", b"j") and not head.isdigit():
                         log.warning("broker: ignoring a foreign message on %r", channel)
@@ -988,6 +1201,37 @@ class RedisRooms(Rooms):
                     self.spawn(self.reconcile_all())
                 elif channel in self.channels:
                     self.spawn(self.sync(self.channels[channel]))
+
+    def for_member(self, head: bytes, room: SharedRoom, key: str, what: str) -> None:
+        """What the channel tells this process about its member with `key`:
+        taken over (r NAME), renamed for a verified newcomer (n NAME), or
+        removed by a moderator (k {"by", "reason"})."""
+        if head == b"r":
+            self.evict(room, what, key)
+            return
+        member = next((m for m in room.members.values() if m.has_key(key)), None)
+        if member is None:
+            return
+        del room.members[fold(member.name)]
+        if head == b"n":
+            member.name = what
+            room.members[fold(what)] = member
+            return
+        removal = json.loads(what)
+        self.expel(member, removal["by"], removal["reason"])
+        self.forget_if_empty(room)
+
+    def follow_bans(self, data: str) -> None:
+        """Keep Chat.bans as the bans channel tells (`+ ROOM TAB SUBJECT TAB
+        BAN`, `- ROOM TAB SUBJECT`)."""
+        sign, _, rest = data.partition(" ")
+        parts = rest.split("\t", 2)
+        if sign == "+" and len(parts) == 3:
+            self.chat.add_ban(parts[0], Ban(**json.loads(parts[2])))
+        elif sign == "-" and len(parts) == 2:
+            ban = self.chat.bans.get(parts[0], {}).get(parts[1])
+            if ban is not None:
+                self.chat.lift(parts[0], ban)
 
     def evict(self, room: SharedRoom, folded: str, key: str) -> None:
         """Close our member `folded` of `room` if `key` is its key: its name
@@ -1035,6 +1279,11 @@ class RedisRooms(Rooms):
         after our heartbeat key was found gone (this process stalled)."""
         try:
             await self.call(self.heartbeat)  # first: or we could be swept again
+            # Bans made while we were away (lifts come by the channel only:
+            # one missed keeps its subject out until it is over, or a restart).
+            for field, ban in (await self.call(self.client.hgetall, "chat:bans")).items():
+                room_name, _, _ = field.decode().partition("\t")
+                self.chat.add_ban(room_name, Ban(**json.loads(ban)))
             rooms = {name.decode() for name in
                      await self.call(self.client.smembers, self.proc_rooms_key)}
             for name in rooms | set(self.chat.rooms):
@@ -1048,12 +1297,13 @@ class RedisRooms(Rooms):
                 room.epoch if room else "", room.seq if room else 0]
         for member in (room.members.values() if room else ()):
             args += [fold(member.name),
-                     self.member_value(member.name, member.key, member.session),
-                     frame_prefix(joined(room_name, member.name, 0), "count")]
+                     self.member_value(member.name, member.key, member.session,
+                                       member.verified, member.address),
+                     frame_prefix(joined(room_name, member.name, 0, member.verified), "count")]
         taken = await self.call(
             self.reconcile_script,
             self.room_keys(room_name, "seq", "epoch", "history", "names", "order")
-            + [self.proc_rooms_key], args)
+            + [self.proc_rooms_key, f"chat:{room_name}:topic"], args)
         for folded in taken:
             # Someone else holds the name now (maybe this client, back on a
             # new connection): two members of one name must not be.
@@ -1137,10 +1387,13 @@ class RedisRooms(Rooms):
     def room_keys(room_name: str, *parts: str) -> list[str]:
         return [f"chat:{room_name}:{part}" for part in parts]
 
-    def member_value(self, name: str, key: str, session: str | None) -> bytes:
+    def member_value(self, name: str, key: str, session: str | None, verified: bool = False,
+                     address: str = "") -> bytes:
         """A member's entry in a room's names, up to what the script fills
-        in: its order, and before that its session if it is None (a join)."""
-        entry = {"name": name, "proc": self.proc, "key": key, "session": session}
+        in: its order, and before that its session if it is None (a join).
+        Its address is what a ban of a guest holds on to."""
+        entry = {"name": name, "proc": self.proc, "key": key, "address": address,
+                 **({"verified": True} if verified else {}), "session": session}
         if session is None:
             return frame_prefix(entry, "session")
         return frame_prefix({**entry, "n": 0}, "n")

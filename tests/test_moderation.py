@@ -16,9 +16,9 @@ from conftest import ROOT, chat_lines, join
 
 SECRET = b"s" * 40
 
-# Every test runs in memory and with --store; with --broker the server
-# refuses --auth-secret at start (test_the_flags_are_checked_at_start).
-both = pytest.mark.parametrize("backend", ["memory", "store"])
+# Every back-end: in memory, with --store, and over Redis (two processes,
+# the clients spread over both).
+both = pytest.mark.parametrize("backend", ["memory", "store", "redis"])
 
 
 def token(name: str = "alice", ttl: float = 60, secret: bytes = SECRET, **claims) -> str:
@@ -213,8 +213,6 @@ def test_the_flags_are_checked_at_start(tmp_path, secret_file):
     assert "shorter than 32 bytes" in start_fails("--auth-secret", str(short))
     assert "cannot read the auth secret" in start_fails("--auth-secret", str(tmp_path / "none"))
     assert "needs --auth-secret" in start_fails("--require-auth")
-    assert "does not work with --broker" in start_fails(
-        "--auth-secret", secret_file, "--broker", "redis://127.0.0.1:1/0")
 
 
 async def test_chatserver_token_prints_a_token_the_server_accepts(run_process, secret_file):

@@ -45,14 +45,19 @@ def user_frames(frames: list[dict]) -> list[tuple[int, str, str]]:
 # The broker's pure parts, without Redis -----------------------------------
 
 
+def frames(*seqs: int) -> list[bytes]:
+    return [b'{"type":"user","seq":%d}' % seq for seq in seqs]
+
+
 def test_history_window_is_history_since_for_a_redis_list():
-    frames = [b"4", b"5", b"6", b"7", b"8"]  # seqs 4..8 kept of 8
-    assert history_window(8, frames, 8, None) == (0, frames)
-    assert history_window(8, frames, 8, 6) == (0, [b"7", b"8"])
-    assert history_window(8, frames, 8, 1) == (2, frames)  # 2 and 3 are gone
-    assert history_window(8, frames, 6, None) == (0, [b"4", b"5", b"6"])  # 7, 8 in flight
-    assert history_window(0, [], 0, None) == (0, [])
-    assert history_window(8, frames, 8, 8) == (0, [])
+    kept = frames(4, 5, 6, 7, 8)  # seqs 4..8 kept of 8
+    assert history_window(kept, 8, None) == (0, kept)
+    assert history_window(kept, 8, 6) == (0, frames(7, 8))
+    assert history_window(kept, 8, 1) == (2, kept)  # 2 and 3 are gone
+    assert history_window(kept, 6, None) == (0, frames(4, 5, 6))  # 7, 8 in flight
+    assert history_window([], 0, None) == (0, [])
+    assert history_window(kept, 8, 8) == (0, [])
+    assert history_window(frames(4, 6), 6, 4) == (0, frames(6))  # 5 was deleted
 
 
 def test_frame_prefix_leaves_the_last_field_for_redis_to_fill():
@@ -71,7 +76,7 @@ def test_shared_room_skips_what_it_had_before_the_sync_point():
     room = SharedRoom("lobby", 100)
     room.published(b"3", b"three")  # before the sync: waits
     room.published(b"4", b"four")
-    room.resync("e1", 3, [b"one", b"two", b"three"], [])
+    room.resync("e1", 3, frames(1, 2, 3), [], "")
     assert room.epoch == "e1" and room.pending == [b"four"]
     room.published(b"4", b"four")  # a duplicate
     room.published(b"-", b"notice")
@@ -79,8 +84,8 @@ def test_shared_room_skips_what_it_had_before_the_sync_point():
     assert room.delivered_seq == 4
     # Reconnected: what was missed meanwhile comes from the history.
     room.synced.clear()
-    room.resync("e1", 6, [b"four", b"five", b"six"], [])
-    assert room.pending == [b"five", b"six"] and room.seq == 6
+    room.resync("e1", 6, frames(4, 5, 6), [], "")
+    assert room.pending == frames(5, 6) and room.seq == 6
 
 
 def test_no_redis_import_without_broker():

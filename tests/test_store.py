@@ -238,7 +238,8 @@ async def test_a_store_of_100000_rooms_is_read_lazily(run_process, tmp_path):
     db.executescript(f"{SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};")
     frame = json.dumps({"type": "user", "room": "r", "id": "a", "message": "x" * 60, "ts": 1,
                         "seq": 1}).encode()
-    db.executemany("INSERT INTO rooms VALUES (?, 'e', 1, 0)", ((f"r{n}",) for n in range(100_000)))
+    db.executemany("INSERT INTO rooms (name, epoch, seq, active_at) VALUES (?, 'e', 1, 0)",
+                   ((f"r{n}",) for n in range(100_000)))
     db.executemany("INSERT INTO messages VALUES (?, 1, ?)",
                    ((f"r{n}", frame) for n in range(100_000)))
     db.commit()
@@ -250,6 +251,43 @@ async def test_a_store_of_100000_rooms_is_read_lazily(run_process, tmp_path):
     alice = await join(full.url, "r99999", name="alice")
     assert alice.welcome["epoch"] == "e" and alice.welcome["seq"] == 1
     assert [f["seq"] for f in alice.backlog if f["type"] == "user"] == [1]
+
+
+V1_SCHEMA = """
+CREATE TABLE rooms (name TEXT PRIMARY KEY, epoch TEXT NOT NULL, seq INTEGER NOT NULL,
+                    active_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX rooms_by_activity ON rooms (active_at);
+CREATE TABLE messages (room TEXT NOT NULL, seq INTEGER NOT NULL, frame BLOB NOT NULL,
+                       PRIMARY KEY (room, seq)) WITHOUT ROWID;
+CREATE TABLE lines (session TEXT NOT NULL, cid TEXT NOT NULL, seq INTEGER, at REAL NOT NULL,
+                    PRIMARY KEY (session, cid)) WITHOUT ROWID;
+CREATE INDEX lines_by_age ON lines (at);
+CREATE TABLE keys (key TEXT PRIMARY KEY, session TEXT NOT NULL) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_store_of_the_first_schema_is_brought_up_to_date_and_keeps_its_rooms(
+        run_process, tmp_path):
+    old = tmp_path / "v1.db"
+    db = sqlite3.connect(old)
+    db.executescript(V1_SCHEMA)
+    frame = json.dumps({"type": "user", "room": "r", "id": "a", "message": "kept", "ts": 1,
+                        "seq": 7}).encode()
+    db.execute("INSERT INTO rooms VALUES ('r', 'e1', 7, 0)")
+    db.execute("INSERT INTO messages VALUES ('r', 7, ?)", (frame,))
+    db.commit()
+    db.close()
+    server = run_process("--store", str(old))
+    alice = await join(server.url, "r", name="alice")
+    assert (alice.welcome["epoch"], alice.welcome["seq"], alice.welcome["topic"]) == ("e1", 7, "")
+    assert [f["message"] for f in alice.backlog if f["type"] == "user"] == ["kept"]
+    await alice.send("more")
+    await alice.expect(message="more")
+    server.terminate()
+    db = sqlite3.connect(old)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
 
 
 def limit_file_size(pid: int, size: int | None) -> None:
