@@ -410,8 +410,7 @@
   // System notices come only from the server's "sys" frames or from the page
   // itself, and look nothing like a chat line: no sender, centred, marked.
   function noticeRow(message, kind, ts) {
-    const row = el('li', `notice notice-${kind}`);
-    row.dataset.day = dayKey(Number.isFinite(ts) ? new Date(ts) : new Date());
+    const row = el('li', `notice notice-${kind}`);  // no day: separators are for messages
     row.append(el('span', 'visually-hidden', kind === 'error' ? 'Error: ' : 'Notice: '));
     const text = el('span', 'text', message);
     text.dir = 'auto';
@@ -540,8 +539,9 @@
 
   function presenceNotice(message, kind, ts, joined, left) {
     show(noticeRow(message, kind, ts));
-    presenceSay.joined.push(...joined);
-    presenceSay.left.push(...left);
+    const others = (names) => names.filter((name) => name !== chat.name);
+    presenceSay.joined.push(...others(joined));
+    presenceSay.left.push(...others(left));
     if (!presenceSay.timer) presenceSay.timer = setTimeout(sayPresence, PRESENCE_SAY_MS);
   }
 
