@@ -857,13 +857,18 @@ def test_rooms_switch_without_a_reload_and_keep_their_drafts_and_settings(
     assert page.page.evaluate("Notification.permission") == "default"
 
     # The join and leave toggle, kept across a reload.
+    guest.close()
+    expect(page.notice("guest has left")).to_be_visible()
     page.page.locator("#menu summary").click()
     page.page.get_by_label("Show joins and leaves").uncheck()
-    expect(page.notice("guest has joined")).to_be_hidden()
+    expect(page.notice("guest has left")).to_have_count(1)
+    expect(page.notice("guest has left")).to_be_hidden()
     page.page.reload()
     page.wait_online()
-    expect(page.notice("guest has joined")).to_be_hidden()
     expect(page.page.get_by_label("Show joins and leaves")).not_to_be_checked()
+    guest = ws_client(chat_server.url, room="r1", name="guest")
+    expect(page.notice("guest has joined")).to_have_count(1)
+    expect(page.notice("guest has joined")).to_be_hidden()
     guest.close()
 
     page.page.evaluate("window.__sameDocument = true")
