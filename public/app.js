@@ -221,22 +221,32 @@
 
   const clock = { today: dayKey(new Date()) };
 
+  // Formatters made once: toLocaleTimeString() and friends build a new one
+  // on every call, which was most of the cost of rendering a long history.
+  const FORMAT = {
+    time: new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' }),
+    full: new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' }),
+    date: new Intl.DateTimeFormat(undefined, { month: 'short', day: 'numeric' }),
+    dateYear: new Intl.DateTimeFormat(undefined, { year: 'numeric', month: 'short', day: 'numeric' }),
+    day: new Intl.DateTimeFormat(undefined, {
+      weekday: 'long', year: 'numeric', month: 'long', day: 'numeric',
+    }),
+  };
+
   // A time shows the date too unless it is today; relabel() keeps that true
   // after midnight.
   function timeElement(ts) {
     const when = Number.isFinite(ts) ? new Date(ts) : new Date();
     const node = el('time', 'time', timeText(when));
-    node.dateTime = when.toISOString();
-    node.title = when.toLocaleString();
+    node.dateTime = when.toISOString();  // the full date shows on hover: see below
     return node;
   }
 
   function timeText(when) {
-    const shown = when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    const shown = FORMAT.time.format(when);
     if (dayKey(when) === clock.today) return shown;
     const sameYear = when.getFullYear() === new Date().getFullYear();
-    const date = when.toLocaleDateString([], sameYear ? { month: 'short', day: 'numeric' }
-      : { year: 'numeric', month: 'short', day: 'numeric' });
+    const date = (sameYear ? FORMAT.date : FORMAT.dateYear).format(when);
     return `${date} ${shown}`;
   }
 
@@ -247,9 +257,7 @@
     const yesterday = new Date();
     yesterday.setDate(yesterday.getDate() - 1);
     if (key === dayKey(yesterday)) return 'Yesterday';
-    return date.toLocaleDateString([], {
-      weekday: 'long', year: 'numeric', month: 'long', day: 'numeric',
-    });
+    return FORMAT.day.format(date);
   }
 
   function daySeparator(key) {
@@ -452,7 +460,10 @@
     if (excess > 0) {
       const anchor = view.atBottom ? null : list.lastElementChild;
       const before = anchor ? anchor.getBoundingClientRect().top : 0;
-      for (let i = 0; i < excess; i += 1) list.firstElementChild.remove();
+      for (let i = 0; i < excess; i += 1) {
+        earlyRows.delete(list.firstElementChild);
+        list.firstElementChild.remove();
+      }
       mendDays();
       if (list.firstElementChild) group(list.firstElementChild);
       if (anchor) list.scrollTop += anchor.getBoundingClientRect().top - before;
@@ -496,7 +507,13 @@
     ui.jump.hidden = true;
   }
 
+  // Our lines acked before their echo came. Kept apart, with the outbox,
+  // so that the common case (nothing sending, nothing early) costs no
+  // selector query per row.
+  const earlyRows = new Set();
+
   function placeFor(row) {
+    if (!outbox.length && !earlyRows.size) return null;
     const seq = Number(row.dataset.seq);  // NaN for a notice: only above lines sending
     for (const later of ui.messages.querySelectorAll(':scope > li.sending, :scope > li.early')) {
       if (later.classList.contains('sending') || Number(later.dataset.seq) > seq) return later;
@@ -703,13 +720,19 @@
     });
   }
 
+  // Your name as a word, or @name, in any case.
+  const mentionPatterns = new Map();
   function mentionsUs(frame) {
-    const names = [chat.name, chat.preferred].filter(Boolean);
-    return names.some((name) => {
+    return [chat.name, chat.preferred].some((name) => name && mentionPattern(name).test(frame.message));
+  }
+
+  function mentionPattern(name) {
+    if (!mentionPatterns.has(name)) {
       const escaped = name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-      return new RegExp(`(?:^|[^\\p{L}\\p{N}_-])@?${escaped}(?![\\p{L}\\p{N}_-])`, 'iu')
-        .test(frame.message);
-    });
+      mentionPatterns.set(name,
+        new RegExp(`(?:^|[^\\p{L}\\p{N}_-])@?${escaped}(?![\\p{L}\\p{N}_-])`, 'iu'));
+    }
+    return mentionPatterns.get(name);
   }
 
   function onChat(frame) {
@@ -719,12 +742,13 @@
       if (frame.seq <= chat.lastSeq) return;  // seen already (history after a resume)
       chat.lastSeq = frame.seq;
       history = frame.seq <= chat.historyUpTo;
-      acked = rowOf(frame.seq);  // our line, shown since its ack: this is its echo
+      acked = earlyRows.size ? rowOf(frame.seq) : null;  // our line, shown since its ack: its echo
     }
     chat.senders.add(frame.id);
     const own = isOwn(frame);
     const row = messageRow(frame, own);
     if (acked) {
+      earlyRows.delete(acked);
       acked.replaceWith(row);
       group(row);
       return;
@@ -856,6 +880,7 @@
         delete row.dataset.seq;  // numbers of the old epoch: a new message may reuse them
         row.classList.remove('early');
       }
+      earlyRows.clear();
     }
     chat.epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
     chat.key = typeof frame.key === 'string' ? frame.key : null;
@@ -1019,7 +1044,10 @@
       return;
     }
     const row = messageRow(message, true);
-    if (frame.seq > chat.lastSeq) row.classList.add('early');
+    if (frame.seq > chat.lastSeq) {
+      row.classList.add('early');
+      earlyRows.add(row);
+    }
     entry.row.replaceWith(row);
     group(row);
   }
@@ -1383,6 +1411,13 @@
     boxChanged();
   }
 
+  // A time's tooltip (the full date and time) is made when first pointed
+  // at, not for each of a thousand rows up front.
+  ui.messages.addEventListener('mouseover', (event) => {
+    const time = event.target.closest('time');
+    if (time && !time.title) time.title = FORMAT.full.format(new Date(time.dateTime));
+  });
+
   ui.messages.addEventListener('click', (event) => {
     const sender = event.target.closest('#messages > li.msg .sender');
     if (sender) mention(sender.textContent);
@@ -1526,6 +1561,7 @@
     });
     chat.wanted = chat.preferred || chat.name || chat.wanted;
     outbox.length = 0;
+    earlyRows.clear();
     setOnline([]);
     ui.messages.replaceChildren();
     view.atBottom = true;
