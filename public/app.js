@@ -1633,14 +1633,19 @@
     ui.serverGoHost.textContent = asked;
     ui.serverOwn.textContent = own;
     ui.serverStayHost.textContent = own;
+    let chosen = false;
     const choose = (server) => {
-      ui.serverPrompt.close();
+      if (chosen) return;
+      chosen = true;
       settings.server = server;
+      ui.serverPrompt.close();
       then();
     };
-    ui.serverGo.addEventListener('click', () => choose(settings.asked), { once: true });
-    ui.serverStay.addEventListener('click', () => choose(settings.server), { once: true });
+    ui.serverGo.addEventListener('click', () => choose(settings.asked));
+    ui.serverStay.addEventListener('click', () => choose(settings.server));
+    // Escape, or a browser that closes the dialog by itself: stay.
     ui.serverPrompt.addEventListener('cancel', (event) => event.preventDefault());
+    ui.serverPrompt.addEventListener('close', () => choose(settings.server));
     setState('connecting', `Waiting for your choice of server`);
     ui.serverPrompt.showModal();
     ui.serverStay.focus();
