@@ -11,7 +11,8 @@
   const ROOM_NAME = /^[A-Za-z0-9_.-]{1,64}$/;  // as the server checks it
   const NAME_MAX_CHARS = 32;
   const MAX_CHARS = 2000;         // the server's default --max-chars...
-  const MAX_FRAME_BYTES = 65536;  // ...and --max-size: checked here before sending
+  const MAX_FRAME_BYTES = 65536;  // ...and --max-size: checked here before sending,
+  // unless the welcome names the server's own (max_chars, max_size).
   const COUNTER_FROM = 0.9;       // the character counter shows past 90% of the limit
   const SAVED_NAME_KEY = 'chatserver.name';
   const ROOMS_KEY = 'chatserver.rooms';      // localStorage: rooms visited, per server
@@ -44,11 +45,11 @@
   const CLOSES = {
     1001: { text: 'The server is restarting or shutting down', retry: true },
     1008: { text: 'The server closed the connection', retry: true },  // + its reason
-    1009: { text: 'A message was too big for the server', retry: true },
+    [CLOSE_TOO_BIG]: { text: 'A message was too big for the server', retry: true },
     1011: { text: 'The server had an internal error', retry: true },
     1013: { text: 'The server cannot let anyone in right now', retry: true },
-    4000: { text: 'This chat was opened again elsewhere with your name', retry: false },
-    4001: { text: 'You were removed from the room', retry: false },
+    [CLOSE_REPLACED]: { text: 'This chat was opened again elsewhere with your name', retry: false },
+    [CLOSE_KICKED]: { text: 'You were removed from the room', retry: false },
   };
   const POLICY_REASONS = {  // 1008's reasons, in words
     flooding: 'you sent too much too fast',
@@ -191,6 +192,7 @@
   const link = {
     socket: null, attempts: 0, retryTimer: 0, welcomeTimer: 0, stableTimer: 0,
     everOnline: false, url: '',
+    why: '',               // the last close's reason, in words
     welcomed: false,       // the socket's welcome came: lines may go
     awaiting: new Set(),   // cids sent on this socket and not yet answered...
     ackTimer: 0,           // ...and the timer that finds the socket dead
@@ -204,6 +206,10 @@
   // { cid, text, row, typedAt, sentAt: when first handed to a socket (0:
   //   never), refused: the server's reason, or null }
   const outbox = [];
+
+  // The longest line and frame the server takes: its defaults, or what its
+  // welcome says (a server that names them: see README, The page).
+  const limits = { chars: MAX_CHARS, bytes: MAX_FRAME_BYTES };
 
   // Rows: one function per kind of row. Text only ever goes in as text.
 
@@ -666,6 +672,7 @@
     welcome: {
       name: [isText, true], online: [isNames, false], seq: [isCount, false],
       epoch: [isText, false], key: [isText, false],
+      max_chars: [isSeq, false], max_size: [isSeq, false],
     },
     join: { name: [isText, true], count: [isCount, false] },
     leave: { name: [isText, true], count: [isCount, false] },
@@ -887,6 +894,9 @@
     // On a resume, what is caught up came while we were away: new, not history.
     chat.historyUpTo = sameEpoch ? chat.lastSeq : (frame.seq || 0);
     chat.quietWho = 0;
+    limits.chars = frame.max_chars || MAX_CHARS;
+    limits.bytes = frame.max_size || MAX_FRAME_BYTES;
+    boxChanged();
     // Remember the name asked for if we got it, or it with a suffix (alice-2):
     // not a guest name handed out because it was refused.
     const name = frame.name;
@@ -979,12 +989,12 @@
 
   function tooLong(text, cid = newCid()) {
     const count = characters(text);
-    if (count > MAX_CHARS) {
-      return `message too long (${count} characters; the limit is ${MAX_CHARS}); it was not sent`;
+    if (count > limits.chars) {
+      return `message too long (${count} characters; the limit is ${limits.chars}); it was not sent`;
     }
     const bytes = frameBytes(text, cid);
-    if (bytes > MAX_FRAME_BYTES) {
-      return `message too big (${bytes} bytes; the limit is ${MAX_FRAME_BYTES}); it was not sent`;
+    if (bytes > limits.bytes) {
+      return `message too big (${bytes} bytes; the limit is ${limits.bytes}); it was not sent`;
     }
     return null;
   }
@@ -1173,7 +1183,7 @@
     const known = CLOSES[code];
     if (!known) return '';
     if (code === 1008) return `${known.text}: ${POLICY_REASONS[reason] || reason || 'a policy was broken'}`;
-    return reason && code !== 4000 ? `${known.text} (${reason})` : known.text;
+    return reason && code !== CLOSE_REPLACED ? `${known.text} (${reason})` : known.text;
   }
 
   // `retry`: how to come back (scheduleRetry: after the backoff; connect: now).
@@ -1320,11 +1330,11 @@
     if (text) store.set(draftKey(), text);
     else store.remove(draftKey());
     const count = characters(text);
-    const over = count > MAX_CHARS;
-    ui.counter.hidden = count < MAX_CHARS * COUNTER_FROM;
+    const over = count > limits.chars;
+    ui.counter.hidden = count < limits.chars * COUNTER_FROM;
     ui.counter.textContent = over
-      ? `${count.toLocaleString()} / ${MAX_CHARS.toLocaleString()}: ${(count - MAX_CHARS).toLocaleString()} too many`
-      : `${count.toLocaleString()} / ${MAX_CHARS.toLocaleString()}`;
+      ? `${count.toLocaleString()} / ${limits.chars.toLocaleString()}: ${(count - limits.chars).toLocaleString()} too many`
+      : `${count.toLocaleString()} / ${limits.chars.toLocaleString()}`;
     ui.counter.classList.toggle('over', over);
     if (!GROWS_BY_CSS) {
       ui.input.style.height = 'auto';

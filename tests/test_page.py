@@ -434,6 +434,29 @@ def test_a_line_over_the_limit_is_refused_in_the_page_and_never_sent(
     assert len(page.sockets) == 1  # the socket was never closed for it
 
 
+def test_the_limits_a_welcome_names_are_the_ones_checked(open_page, site):
+    """A server run with --max-chars 10 that says so in its welcome (see the
+    server change in README, The page): the page checks 10, not 2,000."""
+    async def handler(ws, path):
+        await ws.send(json.dumps({**welcome(name="me"), "max_chars": 10, "max_size": 4096}))
+        await read_all(ws, server)
+
+    server = FakeServer(handler)
+    try:
+        page = open_page(page_url(site, server=server.url, name="me"))
+        page.wait_online()
+        page.box.fill("x" * 9)
+        expect(page.page.locator("#counter")).to_have_text("9 / 10")
+        page.box.press("Enter")
+        page.box.fill("x" * 11)
+        page.box.press("Enter")
+        expect(page.refused.locator(".state")).to_have_text(
+            ["Not sent: message too long (11 characters; the limit is 10); it was not sent"])
+        assert lines_sent(page) == ["x" * 9]
+    finally:
+        server.stop()
+
+
 # Bug 5: reclaiming a name ------------------------------------------------------------
 
 
