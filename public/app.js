@@ -452,8 +452,20 @@
   // to read, also when the window (or a phone's keyboard) changes its size.
   const view = { atBottom: true, frame: 0 };
 
+  // A hidden tab gets no animation frames: a timer then, so that a busy
+  // room's rows are still trimmed while nobody looks.
   function settle() {
-    if (!view.frame) view.frame = requestAnimationFrame(settled);
+    if (view.frame) return;
+    view.timed = document.hidden;
+    view.frame = view.timed ? setTimeout(settled, 200) : requestAnimationFrame(settled);
+  }
+
+  function resettle() {  // the tab was hidden or shown: wait the right way
+    if (!view.frame) return;
+    if (view.timed) clearTimeout(view.frame);
+    else cancelAnimationFrame(view.frame);
+    view.frame = 0;
+    settle();
   }
 
   // Once a frame: drop the oldest rows past MAX_ROWS without moving what the
@@ -1617,6 +1629,7 @@
   }
 
   document.addEventListener('visibilitychange', () => {
+    resettle();
     if (document.hidden) {
       // The next line that comes while away gets the "new since you left"
       // marker above it, replacing the last one.
