@@ -10,20 +10,51 @@
   const DEFAULT_ROOM = 'lobby';
   const ROOM_NAME = /^[A-Za-z0-9_.-]{1,64}$/;  // as the server checks it
   const NAME_MAX_CHARS = 32;
+  const MAX_CHARS = 2000;         // the server's default --max-chars...
+  const MAX_FRAME_BYTES = 65536;  // ...and --max-size: checked here before sending,
+  // unless the welcome names the server's own (max_chars, max_size).
+  const COUNTER_FROM = 0.9;       // the character counter shows past 90% of the limit
   const SAVED_NAME_KEY = 'chatserver.name';
+  const ROOMS_KEY = 'chatserver.rooms';      // localStorage: rooms visited, per server
+  const DRAFT_KEY = 'chatserver.draft';      // localStorage: the unsent box, per room
+  const SETTINGS_KEY = 'chatserver.settings';
+  const ROOMS_KEPT = 20;
   const RETRY_FIRST_MS = 500;     // first retry after a drop, before jitter
   const RETRY_MAX_MS = 30000;     // backoff ceiling
+  const STABLE_MS = 10000;        // a link up this long resets the backoff
   const WELCOME_TIMEOUT_MS = 10000;  // a connection not welcomed by then is retried
   const ACK_TIMEOUT_MS = 5000;    // a line not answered by then: the socket is dead, though open
   const RESEND_WINDOW_MS = 10 * 60 * 1000;  // the server remembers a session's lines this long
+  const RECLAIM_DELAY_MS = 1500;  // a name freed is taken back only if still free after this
+  const PRESENCE_SAY_MS = 2000;   // joins and leaves are read out together, this often at most
   const CID_BYTES = 12;           // random bytes in a line's id (cid), besides the time
   const TAB_KEY = 'chatserver.tab';  // sessionStorage: this tab's session and unsent lines
-  const CLOSE_REPLACED = 4000;    // the server: this connection's name went to a newer one
+  const OWN_SEQS_KEPT = 1000;     // seqs of our own lines kept across a reload
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
   const WHO_DELAY_MS = 2000;      // wait this (plus jitter) before asking /who to mend the list...
   const WHO_INTERVAL_MS = 5000;   // ...and at most this often, or 20 ms per member in
   const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
+  const TS_MAX = 8.64e15;         // the last millisecond a Date can hold
+
+  // Close codes, and what each means to the person reading the page.
+  // `retry`: whether coming back can help (with backoff).
+  const CLOSE_REPLACED = 4000;
+  const CLOSE_KICKED = 4001;
+  const CLOSE_TOO_BIG = 1009;
+  const CLOSES = {
+    1001: { text: 'The server is restarting or shutting down', retry: true },
+    1008: { text: 'The server closed the connection', retry: true },  // + its reason
+    [CLOSE_TOO_BIG]: { text: 'A message was too big for the server', retry: true },
+    1011: { text: 'The server had an internal error', retry: true },
+    1013: { text: 'The server cannot let anyone in right now', retry: true },
+    [CLOSE_REPLACED]: { text: 'This chat was opened again elsewhere with your name', retry: false },
+    [CLOSE_KICKED]: { text: 'You were removed from the room', retry: false },
+  };
+  const POLICY_REASONS = {  // 1008's reasons, in words
+    flooding: 'you sent too much too fast',
+    'too slow': 'the page could not keep up with the room',
+  };
 
   // The meta tag may name a path on the page's own host ("/socket"), which is
   // how a reverse proxy serves page and socket on one origin.
@@ -32,36 +63,54 @@
     return `${scheme}//${location.host}${address}`;
   }
 
-  // Where the page connects, first match wins: ?server=, the chat-server meta
-  // tag, then ws(s)://<this page's host, or localhost from disk>:8765/.
-  // The room is ?room= (default lobby). The name: this tab's, if it was
-  // reloaded; else ?name=; else the last one used in this browser.
+  function hostOf(address) {
+    try { return new URL(address).hostname.toLowerCase(); } catch { return null; }
+  }
+
+  // Where the page connects: ?server=, else the chat-server meta tag, else
+  // ws(s)://<this page's host, or localhost from disk>:8765/. When the page
+  // has a meta tag, a ?server= for another host is only a request (`asked`):
+  // the user confirms it in the page first, since that server would see the
+  // saved name and everything typed. The room is ?room= (default lobby).
+  function resolveServer() {
+    const query = new URLSearchParams(location.search);
+    const tag = document.querySelector('meta[name="chat-server"]');
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const meta = sameOrigin(tag ? tag.content.trim() : '', scheme);
+    const asked = query.get('server');
+    const fallback = `${scheme}//${location.hostname || 'localhost'}:${DEFAULT_PORT}/`;
+    if (!asked) return { server: meta || fallback, asked: null };
+    if (!meta || hostOf(asked) === hostOf(meta)) return { server: asked, asked: null };
+    return { server: meta, asked };
+  }
+
+  // The name: this tab's, if it was reloaded; else ?name=; else the last
+  // one used in this browser.
   function resolveSettings() {
     const query = new URLSearchParams(location.search);
-    const meta = document.querySelector('meta[name="chat-server"]');
-    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    const server = query.get('server')
-      || sameOrigin(meta && meta.content.trim(), scheme)
-      || `${scheme}//${location.hostname || 'localhost'}:${DEFAULT_PORT}/`;
-    const room = query.get('room') || DEFAULT_ROOM;
-    const kept = keptTab.load(server, room);
+    const { server, asked } = resolveServer();
     return {
-      server,
-      room,
-      name: kept.name || query.get('name') || savedName.get() || null,
-      kept,
+      server, asked, room: query.get('room') || DEFAULT_ROOM, queryName: query.get('name'),
     };
   }
 
-  const savedName = {  // localStorage may be off (privacy settings): never fatal
-    get() { try { return localStorage.getItem(SAVED_NAME_KEY); } catch { return null; } },
-    set(name) { try { localStorage.setItem(SAVED_NAME_KEY, name); } catch { /* not kept */ } },
+  const store = {  // localStorage may be off (privacy settings): never fatal
+    get(key) { try { return localStorage.getItem(key); } catch { return null; } },
+    set(key, value) { try { localStorage.setItem(key, value); } catch { /* not kept */ } },
+    remove(key) { try { localStorage.removeItem(key); } catch { /* not kept */ } },
+    json(key) { try { return JSON.parse(this.get(key)); } catch { return null; } },
+  };
+
+  const savedName = {
+    get() { return store.get(SAVED_NAME_KEY); },
+    set(name) { store.set(SAVED_NAME_KEY, name); },
   };
 
   // What this tab keeps across a reload (sessionStorage: this tab only), per
   // server and room: the key and name that make the reconnect the same
-  // session on the server, and the lines not yet acknowledged, with their
-  // cids, so that resending them after the reload doubles nothing.
+  // session on the server, the lines not yet acknowledged, with their cids,
+  // so that resending them after the reload doubles nothing, and the seqs
+  // of our own lines in this room's epoch (how the page knows "you").
   const keptTab = {
     id: '',
     load(server, room) {
@@ -95,37 +144,55 @@
     return url.href;
   }
 
+  function validRoom(room) {
+    return ROOM_NAME.test(room) && room.replace(/\./g, '') !== '';
+  }
+
   const $ = (id) => document.getElementById(id);
   const ui = {
     roomName: $('room-name'), status: $('status'), statusText: $('status-text'),
+    statusDetail: $('status-detail'),
     retry: $('retry'), me: $('me'), messages: $('messages'), jump: $('jump'),
     online: $('online'), onlineCount: $('online-count'), composer: $('composer'),
-    input: $('chat'), hint: $('composer-hint'), announcer: $('announcer'),
+    input: $('chat'), hint: $('composer-hint'), counter: $('counter'), announcer: $('announcer'),
     nickDialog: $('nick-dialog'), nickForm: $('nick-form'), nickInput: $('nick-input'),
     nickError: $('nick-error'), nickCancel: $('nick-cancel'),
+    rooms: $('rooms'), roomForm: $('room-form'), roomInput: $('room-input'),
+    roomError: $('room-error'), menu: $('menu'),
+    showPresence: $('show-presence'), notify: $('notify'),
+    serverPrompt: $('server-prompt'), serverAsked: $('server-asked'), serverOwn: $('server-own'),
+    serverGo: $('server-go'), serverGoHost: $('server-go-host'),
+    serverStay: $('server-stay'), serverStayHost: $('server-stay-host'),
   };
   const HINT = ui.hint.textContent;
 
   const settings = resolveSettings();
+  const prefs = { showPresence: true, notify: true, ...(store.json(SETTINGS_KEY) || {}) };
   const chat = {
     name: null,            // our nickname, as the server last told us
-    wanted: settings.name, // the name we ask for when we (re)connect
+    wanted: null,          // the name we ask for when we (re)connect
     preferred: null,       // the name we chose, if we hold it with a suffix (alice-2)
     key: null,             // the welcome's key: on a reconnect, our name back
     epoch: null,           // the room's seq numbering we have seen...
     lastSeq: 0,            // ...and the last seq shown: resume from here
+    ownSeqs: new Set(),    // seqs of our own lines (this tab's session), in this epoch
     online: new Set(),     // names we know to be here...
     count: 0,              // ...and how many the server says are: the truth
     historyUpTo: 0,        // chat lines up to this seq, after a welcome, are history
     quietWho: 0,           // /who answers we asked for ourselves, not shown
     whoTimer: 0,
     whoAskedAt: -Infinity,
+    reclaimTimer: 0,
     lastSent: '',
-    unread: 0,
+    unread: 0,             // lines that came while the tab was hidden...
+    mentions: 0,           // ...and how many of them name us
+    markNext: false,       // the next line that comes while hidden gets the unread marker
+    senders: new Set(),    // names seen speaking: for Tab completion
   };
   const link = {
-    socket: null, attempts: 0, retryTimer: 0, welcomeTimer: 0,
+    socket: null, attempts: 0, retryTimer: 0, welcomeTimer: 0, stableTimer: 0,
     everOnline: false, url: '',
+    why: '',               // the last close's reason, in words
     welcomed: false,       // the socket's welcome came: lines may go
     awaiting: new Set(),   // cids sent on this socket and not yet answered...
     ackTimer: 0,           // ...and the timer that finds the socket dead
@@ -140,6 +207,10 @@
   //   never), refused: the server's reason, or null }
   const outbox = [];
 
+  // The longest line and frame the server takes: its defaults, or what its
+  // welcome says (a server that names them: see README, The page).
+  const limits = { chars: MAX_CHARS, bytes: MAX_FRAME_BYTES };
+
   // Rows: one function per kind of row. Text only ever goes in as text.
 
   function el(tag, className, text) {
@@ -149,15 +220,76 @@
     return node;
   }
 
+  function dayKey(when) {  // the local day, YYYY-MM-DD
+    const pad = (n) => String(n).padStart(2, '0');
+    return `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())}`;
+  }
+
+  const clock = { today: dayKey(new Date()) };
+
+  // Formatters made once: toLocaleTimeString() and friends build a new one
+  // on every call, which was most of the cost of rendering a long history.
+  const FORMAT = {
+    time: new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' }),
+    full: new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' }),
+    date: new Intl.DateTimeFormat(undefined, { month: 'short', day: 'numeric' }),
+    dateYear: new Intl.DateTimeFormat(undefined, { year: 'numeric', month: 'short', day: 'numeric' }),
+    day: new Intl.DateTimeFormat(undefined, {
+      weekday: 'long', year: 'numeric', month: 'long', day: 'numeric',
+    }),
+  };
+
+  // A time shows the date too unless it is today; relabel() keeps that true
+  // after midnight.
   function timeElement(ts) {
     const when = Number.isFinite(ts) ? new Date(ts) : new Date();
-    const sameDay = when.toDateString() === new Date().toDateString();
-    const shown = when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-    const node = el('time', 'time', sameDay ? shown
-      : `${when.toLocaleDateString([], { month: 'short', day: 'numeric' })} ${shown}`);
-    node.dateTime = when.toISOString();
-    node.title = when.toLocaleString();
+    const node = el('time', 'time', timeText(when));
+    node.dateTime = when.toISOString();  // the full date shows on hover: see below
     return node;
+  }
+
+  function timeText(when) {
+    const shown = FORMAT.time.format(when);
+    if (dayKey(when) === clock.today) return shown;
+    const sameYear = when.getFullYear() === new Date().getFullYear();
+    const date = (sameYear ? FORMAT.date : FORMAT.dateYear).format(when);
+    return `${date} ${shown}`;
+  }
+
+  function dayLabel(key) {
+    const [year, month, day] = key.split('-').map(Number);
+    const date = new Date(year, month - 1, day);
+    if (key === clock.today) return 'Today';
+    const yesterday = new Date();
+    yesterday.setDate(yesterday.getDate() - 1);
+    if (key === dayKey(yesterday)) return 'Yesterday';
+    return FORMAT.day.format(date);
+  }
+
+  function daySeparator(key) {
+    const row = el('li', 'day');
+    row.dataset.day = key;
+    row.append(el('span', 'day-label', dayLabel(key)));
+    return row;
+  }
+
+  // After midnight (or when the tab wakes up on another day), "Today" and
+  // the times that lost their date are written again.
+  function relabel() {
+    const today = dayKey(new Date());
+    if (today !== clock.today) {
+      clock.today = today;
+      for (const label of ui.messages.querySelectorAll(':scope > li.day')) {
+        label.firstElementChild.textContent = dayLabel(label.dataset.day);
+      }
+      for (const time of ui.messages.querySelectorAll('time')) {
+        time.textContent = timeText(new Date(time.dateTime));
+      }
+    }
+    const next = new Date();
+    next.setHours(24, 0, 1, 0);
+    clearTimeout(clock.timer);
+    clock.timer = setTimeout(relabel, next - Date.now());
   }
 
   function nameElement(name) {
@@ -171,22 +303,28 @@
     return hash % 8;
   }
 
-  // Text with its http(s) URLs as links; anything else stays text.
+  // Text with its http(s) URLs as links; anything else stays text. A link
+  // shows the host as the browser will open it (punycode for a look-alike
+  // such as аpple.com with a Cyrillic а), no user name or password, and no
+  // bidi or zero-width characters that could disguise it.
   const URL_IN_TEXT = /\bhttps?:\/\/[^\s<>"'`]+/gi;
+  const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
   function richText(text) {
     const fragment = document.createDocumentFragment();
     let at = 0;
     for (const match of text.matchAll(URL_IN_TEXT)) {
       const candidate = trimUrl(match[0]);
-      let href = null;
+      let url = null;
       try {
-        const url = new URL(candidate);
-        if (url.protocol === 'http:' || url.protocol === 'https:') href = url.href;
+        url = new URL(candidate.replace(INVISIBLE, ''));
+        if (url.protocol !== 'http:' && url.protocol !== 'https:') url = null;
       } catch { /* not a URL after all: leave it as text */ }
-      if (!href) continue;
+      if (!url) continue;
+      url.username = '';
+      url.password = '';
       fragment.append(text.slice(at, match.index));
-      const anchor = el('a', 'link', candidate);
-      anchor.href = href;
+      const anchor = el('a', 'link', linkText(candidate, url));
+      anchor.href = url.href;
       anchor.target = '_blank';
       anchor.rel = 'noopener noreferrer';
       fragment.append(anchor);
@@ -194,6 +332,15 @@
     }
     fragment.append(text.slice(at));
     return fragment;
+  }
+
+  // What a link says: as typed, but with the host the browser will open.
+  function linkText(candidate, url) {
+    const clean = candidate.replace(INVISIBLE, '');
+    const authority = clean.indexOf('//') + 2;
+    let end = clean.slice(authority).search(/[/?#\\]/);
+    end = end < 0 ? clean.length : authority + end;
+    return `${url.protocol}//${url.host}${clean.slice(end)}`;
   }
 
   function trimUrl(candidate) {
@@ -205,10 +352,15 @@
     return url;
   }
 
-  function chatRow(frame, own) {
-    const row = el('li', `msg${own ? ' own' : ''}`);
+  function stamp(row, frame) {
     row.dataset.sender = frame.id;
     if (Number.isInteger(frame.seq)) row.dataset.seq = frame.seq;
+    row.dataset.day = dayKey(Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date());
+  }
+
+  function chatRow(frame, own) {
+    const row = el('li', `msg${own ? ' own' : ''}`);
+    stamp(row, frame);
     const head = el('div', 'msg-head');
     head.append(nameElement(frame.id));
     if (own) head.append(el('span', 'you', 'you'));
@@ -222,8 +374,7 @@
 
   function actionRow(frame, own) {
     const row = el('li', `msg action${own ? ' own' : ''}`);
-    row.dataset.sender = frame.id;
-    if (Number.isInteger(frame.seq)) row.dataset.seq = frame.seq;
+    stamp(row, frame);
     const text = el('div', 'text');
     const body = el('span', 'action-text');
     body.dir = 'auto';
@@ -233,11 +384,15 @@
     return row;
   }
 
+  function messageRow(frame, own) {
+    return frame.action ? actionRow(frame, own) : chatRow(frame, own);
+  }
+
   // A line of ours that is not (yet) a message: "Sending…" until its ack, or
   // refused, with the server's reason and what can be done about it.
   function outgoingRow(entry) {
     const frame = { ...draft(entry.text), id: chat.name || chat.wanted || 'you', ts: entry.typedAt };
-    const row = frame.action ? actionRow(frame, true) : chatRow(frame, true);
+    const row = messageRow(frame, true);
     row.classList.add(entry.refused === null ? 'sending' : 'refused');
     row.dataset.cid = entry.cid;
     if (entry.refused === null) {
@@ -269,7 +424,7 @@
   // System notices come only from the server's "sys" frames or from the page
   // itself, and look nothing like a chat line: no sender, centred, marked.
   function noticeRow(message, kind, ts) {
-    const row = el('li', `notice notice-${kind}`);
+    const row = el('li', `notice notice-${kind}`);  // no day: separators are for messages
     row.append(el('span', 'visually-hidden', kind === 'error' ? 'Error: ' : 'Notice: '));
     const text = el('span', 'text', message);
     text.dir = 'auto';
@@ -280,24 +435,89 @@
   // A row from the server goes after everything before it but above our
   // lines still sending (they stay last until the server has them) and our
   // lines acked before their echo came with a later seq. Our own new lines
-  // (`mine`) go last.
+  // (`mine`) go last. Layout work (trimming, day separators, scrolling)
+  // waits for the next frame, once for however many rows came meanwhile.
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
     list.insertBefore(row, mine ? null : placeFor(row));
     group(row);
     if (row.nextElementSibling) group(row.nextElementSibling);
-    while (list.childElementCount > MAX_ROWS) list.firstElementChild.remove();
-    if (view.atBottom || mine) {
-      scrollToEnd();
-    } else {
-      ui.jump.hidden = false;
-    }
+    if (mine) view.atBottom = true;
+    else if (!view.atBottom && row.classList.contains('msg')) ui.jump.hidden = false;
     if (announce) say(announce);
+    settle();
   }
 
   // The conversation sticks to its newest line unless the reader scrolled up
   // to read, also when the window (or a phone's keyboard) changes its size.
-  const view = { atBottom: true };
+  const view = { atBottom: true, frame: 0 };
+
+  // A hidden tab gets no animation frames: a timer then, so that a busy
+  // room's rows are still trimmed while nobody looks.
+  function settle() {
+    if (view.frame) return;
+    view.timed = document.hidden;
+    view.frame = view.timed ? setTimeout(settled, 200) : requestAnimationFrame(settled);
+  }
+
+  function resettle() {  // the tab was hidden or shown: wait the right way
+    if (!view.frame) return;
+    if (view.timed) clearTimeout(view.frame);
+    else cancelAnimationFrame(view.frame);
+    view.frame = 0;
+    settle();
+  }
+
+  // Once a frame: drop the oldest rows past MAX_ROWS without moving what the
+  // reader is looking at (no browser-dependent scroll anchoring: see
+  // style.css), mend the day separators and grouping, then follow the end.
+  function settled() {
+    view.frame = 0;
+    const list = ui.messages;
+    const excess = list.childElementCount - MAX_ROWS;
+    if (excess > 0) {
+      const anchor = view.atBottom ? null : list.lastElementChild;
+      const before = anchor ? anchor.getBoundingClientRect().top : 0;
+      for (let i = 0; i < excess; i += 1) {
+        earlyRows.delete(list.firstElementChild);
+        list.firstElementChild.remove();
+      }
+      mendDays();
+      if (list.firstElementChild) group(list.firstElementChild);
+      if (anchor) list.scrollTop += anchor.getBoundingClientRect().top - before;
+    } else {
+      mendDays();
+    }
+    if (view.atBottom) scrollToEnd();
+  }
+
+  // One separator above the first row of each day, and no other.
+  function mendDays() {
+    let lastDay = null;
+    let separator = null;  // the separator just passed, not yet claimed
+    for (let node = ui.messages.firstElementChild; node;) {
+      const next = node.nextElementSibling;
+      const day = node.dataset.day;
+      if (node.classList.contains('day')) {
+        if (separator) separator.remove();
+        separator = node;
+      } else if (day && day !== lastDay) {
+        if (!separator || separator.dataset.day !== day) {
+          if (separator) separator.remove();
+          ui.messages.insertBefore(daySeparator(day), node);
+          group(node);
+        }
+        separator = null;
+        lastDay = day;
+      } else if (day && separator) {
+        separator.remove();
+        separator = null;
+        group(node);
+      }
+      node = next;
+    }
+    if (separator) separator.remove();
+  }
 
   function scrollToEnd() {
     ui.messages.scrollTop = ui.messages.scrollHeight;
@@ -305,7 +525,13 @@
     ui.jump.hidden = true;
   }
 
+  // Our lines acked before their echo came. Kept apart, with the outbox,
+  // so that the common case (nothing sending, nothing early) costs no
+  // selector query per row.
+  const earlyRows = new Set();
+
   function placeFor(row) {
+    if (!outbox.length && !earlyRows.size) return null;
     const seq = Number(row.dataset.seq);  // NaN for a notice: only above lines sending
     for (const later of ui.messages.querySelectorAll(':scope > li.sending, :scope > li.early')) {
       if (later.classList.contains('sending') || Number(later.dataset.seq) > seq) return later;
@@ -317,6 +543,7 @@
     const next = row.nextElementSibling;
     row.remove();
     if (next) group(next);
+    settle();
   }
 
   function group(row) {
@@ -341,24 +568,81 @@
     show(noticeRow(message, kind, ts), { announce: message });
   }
 
-  // Who is online
+  // Joins and leaves are shown one by one but read out together: a busy
+  // room would otherwise talk over everything else.
+  const presenceSay = { joined: [], left: [], timer: 0 };
+
+  function presenceNotice(message, kind, ts, joined, left) {
+    show(noticeRow(message, kind, ts));
+    const others = (names) => names.filter((name) => name !== chat.name);
+    presenceSay.joined.push(...others(joined));
+    presenceSay.left.push(...others(left));
+    if (!presenceSay.timer) presenceSay.timer = setTimeout(sayPresence, PRESENCE_SAY_MS);
+  }
+
+  function sayPresence() {
+    presenceSay.timer = 0;
+    const some = (names) => (names.length > 3
+      ? `${names.slice(0, 3).join(', ')} and ${names.length - 3} others` : names.join(', '));
+    const parts = [];
+    if (presenceSay.joined.length) parts.push(`${some(presenceSay.joined)} joined`);
+    if (presenceSay.left.length) parts.push(`${some(presenceSay.left)} left`);
+    presenceSay.joined = [];
+    presenceSay.left = [];
+    if (parts.length && prefs.showPresence) say(parts.join('; '));
+  }
+
+  // Who is online: a sorted list changed one name at a time (a crowded
+  // room's joins must not rebuild it each time), rebuilt on a welcome or /who.
+
+  const collator = new Intl.Collator(undefined, { sensitivity: 'base' });
+  const people = { sorted: [], items: new Map() };
+
+  function personItem(name) {
+    const item = el('li', name === chat.name ? 'person own' : 'person');
+    item.append(el('span', 'presence', ''), nameElement(name));
+    if (name === chat.name) item.append(el('span', 'you', 'you'));
+    return item;
+  }
 
   function setOnline(names) {
-    chat.online = new Set(names.filter((name) => typeof name === 'string'));
+    chat.online = new Set(names);
     chat.count = chat.online.size;
     renderOnline();
   }
 
   function renderOnline() {
-    const names = [...chat.online].sort((a, b) => a.localeCompare(b, undefined, { sensitivity: 'base' }));
-    const items = names.map((name) => {
-      const item = el('li', name === chat.name ? 'person own' : 'person');
-      item.append(el('span', 'presence', ''), nameElement(name));
-      if (name === chat.name) item.append(el('span', 'you', 'you'));
-      return item;
-    });
-    ui.online.replaceChildren(...items);
-    ui.onlineCount.textContent = String(chat.count || names.length);
+    people.sorted = [...chat.online].sort(collator.compare);
+    people.items = new Map(people.sorted.map((name) => [name, personItem(name)]));
+    ui.online.replaceChildren(...people.items.values());
+    countOnline();
+  }
+
+  function countOnline() {
+    ui.onlineCount.textContent = String(chat.count || chat.online.size);
+  }
+
+  function arrive(name) {
+    if (chat.online.has(name)) return;
+    chat.online.add(name);
+    let low = 0;
+    let high = people.sorted.length;
+    while (low < high) {
+      const middle = (low + high) >> 1;
+      if (collator.compare(people.sorted[middle], name) <= 0) low = middle + 1;
+      else high = middle;
+    }
+    const item = personItem(name);
+    ui.online.insertBefore(item, people.items.get(people.sorted[low]) || null);
+    people.sorted.splice(low, 0, name);
+    people.items.set(name, item);
+  }
+
+  function depart(name) {
+    if (!chat.online.delete(name)) return;
+    people.sorted.splice(people.sorted.indexOf(name), 1);
+    people.items.get(name).remove();
+    people.items.delete(name);
   }
 
   // The server's count is the truth. When our list disagrees with it (a
@@ -367,7 +651,7 @@
   // jitter and a floor so that a crowd does not ask all at once, again and again.
   function checkCount(count) {
     if (Number.isInteger(count)) chat.count = count;
-    renderOnline();
+    countOnline();
     if (chat.count === chat.online.size || chat.whoTimer) return;
     const interval = Math.max(WHO_INTERVAL_MS, chat.count * WHO_INTERVAL_PER_MEMBER_MS);
     const wait = Math.max(WHO_DELAY_MS * (1 + Math.random()),
@@ -381,7 +665,54 @@
     }, wait);
   }
 
-  // Frames from the server
+  // Frames from the server. Each is checked whole before anything in it is
+  // used: a frame with one absurd field (a ts past the year 275760, a seq
+  // that is not a whole number) is ignored, never half applied.
+
+  const isText = (value) => typeof value === 'string';
+  const isTs = (value) => Number.isSafeInteger(value) && value >= 0 && value <= TS_MAX;
+  const isSeq = (value) => Number.isSafeInteger(value) && value > 0;
+  const isCount = (value) => Number.isSafeInteger(value) && value >= 0;
+  const isNames = (value) => Array.isArray(value) && value.every(isText);
+  const isSeqOrNull = (value) => value === null || isSeq(value);
+  const isFlag = (value) => typeof value === 'boolean';
+
+  // Per kind of frame: field -> [check, required]. Fields not named may be
+  // anything (a newer server may add some); named ones must pass.
+  const FIELDS = {
+    user: { id: [isText, true], seq: [isSeq, false], action: [isFlag, false] },
+    welcome: {
+      name: [isText, true], online: [isNames, false], seq: [isCount, false],
+      epoch: [isText, false], key: [isText, false],
+      max_chars: [isSeq, false], max_size: [isSeq, false],
+    },
+    join: { name: [isText, true], count: [isCount, false] },
+    leave: { name: [isText, true], count: [isCount, false] },
+    nick: { old: [isText, true], name: [isText, true] },
+    presence: {
+      joined: [isNames, false], left: [isNames, false], count: [isCount, false],
+      more_joined: [isCount, false], more_left: [isCount, false],
+    },
+    who: { online: [isNames, false], count: [isCount, false] },
+    ack: { cid: [isText, true], seq: [isSeqOrNull, false] },
+    error: { cid: [isText, false] },
+    gap: { missed: [isCount, false] },
+  };
+  const COMMON = { message: [isText, true], ts: [isTs, false], room: [isText, false] };
+
+  function valid(frame) {
+    if (!frame || typeof frame !== 'object' || Array.isArray(frame)) return false;
+    let fields;
+    if (frame.type === 'user') fields = FIELDS.user;
+    else if (frame.type === 'sys' && isText(frame.event)) fields = FIELDS[frame.event] || {};
+    else return false;
+    for (const rules of [COMMON, fields]) {
+      for (const [field, [check, required]] of Object.entries(rules)) {
+        if (frame[field] === undefined ? required : !check(frame[field])) return false;
+      }
+    }
+    return true;
+  }
 
   function receive(data) {
     let frame;
@@ -390,9 +721,37 @@
     } catch {
       return;  // not ours to show
     }
-    if (!frame || typeof frame !== 'object' || typeof frame.message !== 'string') return;
-    if (frame.type === 'user' && typeof frame.id === 'string') onChat(frame);
-    else if (frame.type === 'sys') onSys(frame);
+    if (!valid(frame)) return;
+    if (frame.type === 'user') onChat(frame);
+    else onSys(frame);
+  }
+
+  // Ours: a line this tab's session sent (its seq came in an ack), or the
+  // echo of a line in flight on this socket under our present name, whose
+  // ack is still to come. Never decided by the name alone.
+  function isOwn(frame) {
+    if (Number.isInteger(frame.seq) && chat.ownSeqs.has(frame.seq)) return true;
+    if (frame.id !== chat.name) return false;
+    return outbox.some((entry) => {
+      if (entry.refused !== null || !link.awaiting.has(entry.cid)) return false;
+      const line = draft(entry.text);
+      return line.message === frame.message && !!line.action === !!frame.action;
+    });
+  }
+
+  // Your name as a word, or @name, in any case.
+  const mentionPatterns = new Map();
+  function mentionsUs(frame) {
+    return [chat.name, chat.preferred].some((name) => name && mentionPattern(name).test(frame.message));
+  }
+
+  function mentionPattern(name) {
+    if (!mentionPatterns.has(name)) {
+      const escaped = name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+      mentionPatterns.set(name,
+        new RegExp(`(?:^|[^\\p{L}\\p{N}_-])@?${escaped}(?![\\p{L}\\p{N}_-])`, 'iu'));
+    }
+    return mentionPatterns.get(name);
   }
 
   function onChat(frame) {
@@ -402,64 +761,103 @@
       if (frame.seq <= chat.lastSeq) return;  // seen already (history after a resume)
       chat.lastSeq = frame.seq;
       history = frame.seq <= chat.historyUpTo;
-      acked = rowOf(frame.seq);  // our line, shown since its ack: this is its echo
+      acked = earlyRows.size ? rowOf(frame.seq) : null;  // our line, shown since its ack: its echo
     }
-    const own = frame.id === chat.name;
-    const row = frame.action ? actionRow(frame, own) : chatRow(frame, own);
+    chat.senders.add(frame.id);
+    const own = isOwn(frame);
+    const row = messageRow(frame, own);
     if (acked) {
+      earlyRows.delete(acked);
       acked.replaceWith(row);
       group(row);
       return;
     }
+    const mention = !own && mentionsUs(frame);
+    if (mention) row.classList.add('mention');
+    if (!history && !own && document.hidden) {
+      if (chat.markNext) {
+        chat.markNext = false;
+        for (const old of ui.messages.querySelectorAll(':scope > li.unread-marker')) old.remove();
+        ui.messages.insertBefore(el('li', 'unread-marker', 'New since you left'), placeFor(row));
+      }
+      chat.unread += 1;
+      if (mention) {
+        chat.mentions += 1;
+        notify(frame);
+      }
+      updateTitle();
+    }
     const spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
     show(row, { announce: history || own ? '' : spoken, mine: own && !history });
-    if (!history && document.hidden) {
-      chat.unread += 1;
-      updateTitle();
+  }
+
+  // A desktop notification for a mention while the tab is hidden, if the
+  // user allowed them (asked on a gesture: see askToNotify) and left them on.
+  function notify(frame) {
+    if (!prefs.notify || typeof Notification === 'undefined'
+        || Notification.permission !== 'granted') return;
+    try {
+      const note = new Notification(`${frame.id} mentioned you in #${settings.room}`, {
+        body: frame.message.slice(0, 200), tag: `chat-${settings.room}`,
+      });
+      note.addEventListener('click', () => {
+        window.focus();
+        note.close();
+      });
+    } catch { /* some browsers allow them only from a service worker */ }
+  }
+
+  function askToNotify() {
+    if (prefs.notify && typeof Notification !== 'undefined' && Notification.permission === 'default') {
+      Notification.requestPermission().catch(() => {});
     }
   }
 
   function onSys(frame) {
-    const str = (value) => (typeof value === 'string' ? value : null);
     switch (frame.event) {
       case 'welcome':
         onWelcome(frame);
         return;
       case 'join':
-        if (str(frame.name)) chat.online.add(frame.name);
+        arrive(frame.name);
+        cancelReclaim(frame.name);
         checkCount(frame.count);
-        notice(frame.message, 'join', frame.ts);
+        presenceNotice(frame.message, 'join', frame.ts, [frame.name], []);
         return;
       case 'leave':
-        if (str(frame.name)) chat.online.delete(frame.name);
+        depart(frame.name);
         checkCount(frame.count);
-        notice(frame.message, 'leave', frame.ts);
-        if (str(frame.name)) reclaim(frame.name);
+        presenceNotice(frame.message, 'leave', frame.ts, [], [frame.name]);
+        reclaimLater(frame.name);
         return;
-      case 'presence':  // a crowded room's joins and leaves, gathered
-        for (const name of Array.isArray(frame.joined) ? frame.joined : []) {
-          if (str(name)) chat.online.add(name);
+      case 'presence': {  // a crowded room's joins and leaves, gathered
+        const joined = frame.joined || [];
+        const left = frame.left || [];
+        for (const name of joined) {
+          arrive(name);
+          cancelReclaim(name);
         }
-        for (const name of Array.isArray(frame.left) ? frame.left : []) {
-          if (!str(name)) continue;
-          chat.online.delete(name);
-          reclaim(name);
+        for (const name of left) {
+          depart(name);
+          reclaimLater(name);
         }
         checkCount(frame.count);
-        notice(frame.message, 'presence', frame.ts);
+        presenceNotice(frame.message, 'presence', frame.ts, joined, left);
         return;
+      }
       case 'nick':
-        if (str(frame.old) && str(frame.name)) {
-          chat.online.delete(frame.old);
-          chat.online.add(frame.name);
-          if (frame.old === chat.name) becomeNamed(frame.name, frame.name);
+        depart(frame.old);
+        arrive(frame.name);
+        cancelReclaim(frame.name);
+        if (frame.old === chat.name) {
+          becomeNamed(frame.name, frame.name);
           renderOnline();
-          reclaim(frame.old);
         }
+        reclaimLater(frame.old);
         notice(frame.message, 'nick', frame.ts);
         return;
       case 'who':
-        if (Array.isArray(frame.online)) setOnline(frame.online);
+        if (frame.online) setOnline(frame.online);
         if (chat.quietWho > 0) {
           chat.quietWho -= 1;
           return;
@@ -484,32 +882,46 @@
 
   function onWelcome(frame) {
     clearTimeout(link.welcomeTimer);
-    link.attempts = 0;
+    // Only a link that stays up resets the backoff: a server that welcomes
+    // and then closes (1013, a crash loop) is not redialled at full speed.
+    clearTimeout(link.stableTimer);
+    link.stableTimer = setTimeout(() => { link.attempts = 0; }, STABLE_MS);
+    link.why = '';
     const resumed = chat.epoch !== null;
-    if (resumed && frame.epoch !== chat.epoch) {
+    if (!resumed && chat.ownEpoch !== frame.epoch) chat.ownSeqs.clear();  // kept for another epoch
+    chat.ownEpoch = frame.epoch;
+    const sameEpoch = resumed && frame.epoch === chat.epoch;
+    if (resumed && !sameEpoch) {
       notice('The room started over on the server: earlier messages are not in it any more.', 'gap');
       chat.lastSeq = 0;
+      chat.ownSeqs.clear();
       for (const row of ui.messages.querySelectorAll(':scope > li[data-seq]')) {
         delete row.dataset.seq;  // numbers of the old epoch: a new message may reuse them
         row.classList.remove('early');
       }
+      earlyRows.clear();
     }
     chat.epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
     chat.key = typeof frame.key === 'string' ? frame.key : null;
-    chat.historyUpTo = Number.isInteger(frame.seq) ? frame.seq : 0;
+    // On a resume, what is caught up came while we were away: new, not history.
+    chat.historyUpTo = sameEpoch ? chat.lastSeq : (frame.seq || 0);
     chat.quietWho = 0;
+    limits.chars = frame.max_chars || MAX_CHARS;
+    limits.bytes = frame.max_size || MAX_FRAME_BYTES;
+    boxChanged();
     // Remember the name asked for if we got it, or it with a suffix (alice-2):
     // not a guest name handed out because it was refused.
-    const name = typeof frame.name === 'string' ? frame.name : '?';
+    const name = frame.name;
     const chosen = chat.preferred || chat.wanted;  // alice, when we came back as alice-2
     becomeNamed(name, chosen && (name === chosen || name.startsWith(`${chosen}-`)) ? chosen : null);
-    setOnline(Array.isArray(frame.online) ? frame.online : [chat.name]);
+    setOnline(frame.online || [chat.name]);
     link.everOnline = true;
     link.welcomed = true;
     setState('online');
     if (resumed) notice('Reconnected.', 'info', frame.ts);
     else notice(frame.message, 'info', frame.ts);
     hint(HINT);
+    visited(settings.room);
     resend();
     keep();
   }
@@ -529,12 +941,28 @@
 
   // We got our name with a suffix (alice-2: it was taken, perhaps by our own
   // connection that the server has not yet found dead): take it back once
-  // it is free. Names are unique regardless of case, as on the server.
-  function reclaim(freed) {
+  // it is free. Not at once: when its holder comes back with its key, the
+  // server sends its leave and then at once its join, and a /nick between
+  // the two would be refused (or, between two tabs, swap the names). So wait
+  // a little, and only if no join or nick took the name meanwhile. Names
+  // are unique regardless of case, as on the server.
+  function reclaimLater(freed) {
     const preferred = chat.preferred;
-    if (preferred && chat.name !== preferred && chat.name.startsWith(`${preferred}-`)
-        && freed.toLowerCase() === preferred.toLowerCase()) {
-      sendLine(`/nick ${preferred}`);
+    if (!preferred || chat.name === preferred || !chat.name.startsWith(`${preferred}-`)
+        || freed.toLowerCase() !== preferred.toLowerCase()) return;
+    clearTimeout(chat.reclaimTimer);
+    chat.reclaimTimer = setTimeout(() => {
+      chat.reclaimTimer = 0;
+      const taken = [...chat.online].some((name) => name.toLowerCase() === preferred.toLowerCase());
+      if (!taken && chat.name !== preferred) sendLine(`/nick ${preferred}`);
+    }, RECLAIM_DELAY_MS);
+  }
+
+  function cancelReclaim(name) {
+    if (chat.reclaimTimer && chat.preferred
+        && name.toLowerCase() === chat.preferred.toLowerCase()) {
+      clearTimeout(chat.reclaimTimer);
+      chat.reclaimTimer = 0;
     }
   }
 
@@ -551,7 +979,36 @@
     outbox.push(entry);
     show(entry.row, { announce: 'Sending…', mine: true });
     keep();
+    // Too long for the server: refused here, in the server's words, and
+    // never sent (it would come back as an error, or close the socket 1009).
+    const problem = tooLong(text, entry.cid);
+    if (problem) {
+      refuse(entry, problem);
+      return;
+    }
     if (!transmit(entry)) hint('Offline: your message is kept and goes out once the connection is back.');
+  }
+
+  function characters(text) {
+    let count = 0;
+    for (const _ of text) count += 1;  // code points, as the server counts
+    return count;
+  }
+
+  function frameBytes(text, cid) {
+    return new TextEncoder().encode(JSON.stringify({ cid, line: text })).length;
+  }
+
+  function tooLong(text, cid = newCid()) {
+    const count = characters(text);
+    if (count > limits.chars) {
+      return `message too long (${count} characters; the limit is ${limits.chars}); it was not sent`;
+    }
+    const bytes = frameBytes(text, cid);
+    if (bytes > limits.bytes) {
+      return `message too big (${bytes} bytes; the limit is ${limits.bytes}); it was not sent`;
+    }
+    return null;
   }
 
   function transmit(entry) {
@@ -584,18 +1041,35 @@
 
   // Accepted: the line's row becomes its message (a command's row goes; what
   // it did shows as notices). If the echo is already shown, that is the one
-  // row; else the row waits, marked `early`, for its echo to take its place.
+  // row, now marked ours; else the row waits, marked `early`, for its echo
+  // to take its place.
   function onAck(frame) {
     const entry = entryOf(frame.cid);
     if (!entry) return;  // a line the page sent for itself (/who), or answered already
     forget(entry);
-    if (!Number.isInteger(frame.seq) || rowOf(frame.seq)) {
+    if (!Number.isInteger(frame.seq)) {
       unshow(entry.row);
       return;
     }
+    chat.ownSeqs.add(frame.seq);
+    keep();
     const message = { ...draft(entry.text), id: chat.name, seq: frame.seq, ts: frame.ts };
-    const row = message.action ? actionRow(message, true) : chatRow(message, true);
-    if (frame.seq > chat.lastSeq) row.classList.add('early');
+    const echo = rowOf(frame.seq);
+    if (echo) {
+      unshow(entry.row);
+      if (!echo.classList.contains('own')) {
+        const row = messageRow({ ...message, id: echo.dataset.sender,
+          ts: Date.parse(echo.querySelector('time').dateTime) }, true);
+        echo.replaceWith(row);
+        group(row);
+      }
+      return;
+    }
+    const row = messageRow(message, true);
+    if (frame.seq > chat.lastSeq) {
+      row.classList.add('early');
+      earlyRows.add(row);
+    }
     entry.row.replaceWith(row);
     group(row);
   }
@@ -622,6 +1096,7 @@
     forget(entry);
     unshow(entry.row);
     ui.input.value = entry.text;
+    boxChanged();
     ui.input.focus();
   }
 
@@ -640,15 +1115,23 @@
     keptTab.save({
       key: chat.key,
       name: chat.preferred || chat.name || chat.wanted,
+      epoch: chat.epoch,
+      own: [...chat.ownSeqs].slice(-OWN_SEQS_KEPT),
       lines: outbox.map(({ cid, text, typedAt, sentAt, refused }) => ({
         cid, text, typedAt, sentAt, refused,
       })),
     });
   }
 
-  // The lines this tab had not got answered before it was reloaded.
+  // What this tab had kept for this room before it was reloaded: its key,
+  // its own lines' seqs (valid in that epoch only: see onWelcome), and the
+  // lines not yet answered.
   function restore(kept) {
     if (typeof kept.key === 'string') chat.key = kept.key;
+    if (typeof kept.epoch === 'string' && Array.isArray(kept.own)) {
+      chat.ownSeqs = new Set(kept.own.filter(isSeq));
+      chat.ownEpoch = kept.epoch;
+    }
     for (const line of Array.isArray(kept.lines) ? kept.lines : []) {
       if (!line || typeof line.cid !== 'string' || typeof line.text !== 'string') continue;
       const entry = {
@@ -703,27 +1186,47 @@
       if (socket === link.socket) receive(event.data);
     });
     socket.addEventListener('close', (event) => {
-      if (socket === link.socket) dropped(event.code);
+      if (socket === link.socket) dropped(event.code, event.reason);
     });
   }
 
+  // Why the server closed, in words: its close code and reason.
+  function closeWords(code, reason) {
+    const known = CLOSES[code];
+    if (!known) return '';
+    if (code === 1008) return `${known.text}: ${POLICY_REASONS[reason] || reason || 'a policy was broken'}`;
+    return reason && code !== CLOSE_REPLACED ? `${known.text} (${reason})` : known.text;
+  }
+
   // `retry`: how to come back (scheduleRetry: after the backoff; connect: now).
-  function dropped(code, retry = scheduleRetry) {
+  function dropped(code, reason = '', retry = scheduleRetry) {
     clearTimeout(link.welcomeTimer);
+    clearTimeout(link.stableTimer);
     clearTimeout(link.ackTimer);
     link.ackTimer = 0;
+    const inFlight = [...link.awaiting];
     link.awaiting.clear();  // the lines in it are still in the outbox: resent after the welcome
     link.welcomed = false;
-    if (code === CLOSE_REPLACED) {  // our key came back on another connection:
-      link.socket = null;           // retrying would take the name back and forth
-      fatal('This chat was opened again elsewhere with your name; reload the page to chat here.');
-      return;
-    }
     const wasOnline = ui.status.dataset.state === 'online';
     link.socket = null;
     clearTimeout(chat.whoTimer);
     chat.whoTimer = 0;
-    if (wasOnline) notice('Disconnected from the server. Reconnecting…', 'error');
+    const why = closeWords(code, reason);
+    if (CLOSES[code] && !CLOSES[code].retry) {  // coming back would not help
+      fatal(code === CLOSE_REPLACED
+        ? `${why}; reload the page to chat here.`
+        : `${why}. Reload the page to come back.`);
+      return;
+    }
+    if (code === CLOSE_TOO_BIG) {
+      // The first line not answered is the one the server could not take:
+      // sending it again would only close the socket again.
+      const entry = inFlight.map(entryOf).find(Boolean);
+      if (entry) refuse(entry, 'too big for the server; it was not sent');
+    }
+    link.why = why;
+    if (why) notice(`${why}. Reconnecting…`, 'error');
+    else if (wasOnline) notice('Disconnected from the server. Reconnecting…', 'error');
     retry();
   }
 
@@ -735,7 +1238,7 @@
     if (!socket) return;
     link.socket = null;
     socket.close();
-    dropped(null, retry);
+    dropped(null, '', retry);
   }
 
   // Every line sent must be answered within ACK_TIMEOUT_MS of the last answer.
@@ -763,9 +1266,10 @@
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);  // "equal jitter"
     link.attempts += 1;
     link.retryTimer = setTimeout(connect, delay);
+    const seconds = Math.ceil(delay / 1000);
     setState('offline', link.everOnline
-      ? `Offline: reconnecting in ${Math.ceil(delay / 1000)} s`
-      : `Offline: cannot reach ${link.url || settings.server}; trying again in ${Math.ceil(delay / 1000)} s`);
+      ? `${link.why ? `${link.why}. ` : ''}Reconnecting in ${seconds} s`
+      : `Cannot reach ${link.url || settings.server}; trying again in ${seconds} s`);
   }
 
   function retryNow() {
@@ -776,6 +1280,8 @@
   }
 
   function fatal(message) {
+    clearTimeout(link.retryTimer);
+    link.retryTimer = 0;
     setState('offline', message);
     ui.retry.hidden = true;
     notice(message, 'error');
@@ -785,9 +1291,12 @@
     connecting: 'Connecting…', online: 'Online', reconnecting: 'Reconnecting…', offline: 'Offline',
   };
 
-  function setState(state, text) {
+  // The state word is a live region and changes only with the state; the
+  // detail (why, the countdown) is read only when asked for.
+  function setState(state, detail = '') {
     ui.status.dataset.state = state;
-    ui.statusText.textContent = text || STATE_TEXT[state];
+    if (ui.statusText.textContent !== STATE_TEXT[state]) ui.statusText.textContent = STATE_TEXT[state];
+    ui.statusDetail.textContent = detail;
     ui.status.title = `Server: ${link.url || settings.server}`;
     ui.retry.hidden = state !== 'offline' || !link.retryTimer;
     document.body.dataset.state = state;
@@ -810,8 +1319,10 @@
   function submit() {
     const text = ui.input.value;
     if (!text.trim()) return;
+    askToNotify();  // a user gesture: the one moment a browser lets a page ask
     chat.lastSent = text;
     ui.input.value = '';
+    boxChanged();
     hint(HINT);
     queue(text);
   }
@@ -821,19 +1332,117 @@
     ui.hint.classList.toggle('warning', text !== HINT);
   }
 
+  // Whenever the box changes: its draft is kept for this room, the counter
+  // shows near the limit, and the box grows with its text where CSS cannot
+  // (field-sizing is Chromium's only).
+  const GROWS_BY_CSS = typeof CSS !== 'undefined' && CSS.supports('field-sizing', 'content');
+
+  function boxChanged() {
+    const text = ui.input.value;
+    if (text) store.set(draftKey(), text);
+    else store.remove(draftKey());
+    const count = characters(text);
+    const over = count > limits.chars;
+    ui.counter.hidden = count < limits.chars * COUNTER_FROM;
+    ui.counter.textContent = over
+      ? `${count.toLocaleString()} / ${limits.chars.toLocaleString()}: ${(count - limits.chars).toLocaleString()} too many`
+      : `${count.toLocaleString()} / ${limits.chars.toLocaleString()}`;
+    ui.counter.classList.toggle('over', over);
+    if (!GROWS_BY_CSS) {
+      ui.input.style.height = 'auto';
+      ui.input.style.height = `${ui.input.scrollHeight + 2}px`;
+    }
+  }
+
+  function draftKey() {
+    return `${DRAFT_KEY} ${settings.server} ${settings.room}`;
+  }
+
   ui.composer.addEventListener('submit', (event) => {
     event.preventDefault();
     submit();
   });
 
+  ui.input.addEventListener('input', () => {
+    completion.state = null;
+    boxChanged();
+  });
+
   ui.input.addEventListener('keydown', (event) => {
-    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    // Safari says isComposing is false on the Enter that ends Chinese or
+    // Japanese input; its keyCode is 229 there, as while composing anywhere.
+    const composing = event.isComposing || event.keyCode === 229;
+    if (event.key === 'Enter' && !event.shiftKey && !composing) {
       event.preventDefault();
       submit();
     } else if (event.key === 'ArrowUp' && !ui.input.value && chat.lastSent) {
       event.preventDefault();  // bring back the last line sent, to fix or resend it
       ui.input.value = chat.lastSent;
+      boxChanged();
+    } else if (event.key === 'Tab' && !event.shiftKey && !event.ctrlKey && !event.altKey
+               && !event.metaKey && !composing && complete()) {
+      event.preventDefault();
+    } else if (event.key !== 'Tab' && event.key !== 'Shift') {
+      completion.state = null;
     }
+  });
+
+  // Tab completes the name being typed from who is online and who spoke;
+  // Tab again offers the next one. Nothing to complete: Tab moves on as usual.
+  const completion = { state: null };
+
+  function complete() {
+    const box = ui.input;
+    if (box.selectionStart !== box.selectionEnd) return false;
+    let state = completion.state;
+    if (!state || box.value !== state.value || box.selectionStart !== state.caret) {
+      const before = box.value.slice(0, box.selectionStart);
+      const word = /(@?)([^\s@]*)$/.exec(before);
+      if (!word[2]) return false;
+      const prefix = word[2].toLowerCase();
+      const names = [...new Set([...chat.online, ...chat.senders])]
+        .filter((name) => name.toLowerCase().startsWith(prefix) && name !== chat.name)
+        .sort(collator.compare);
+      if (!names.length) return false;
+      const start = before.length - word[2].length;
+      state = { names, index: -1, start, at: !!word[1], after: box.value.slice(box.selectionStart) };
+    }
+    state.index = (state.index + 1) % state.names.length;
+    const atStart = state.start === 0 && !state.at;
+    const inserted = state.names[state.index] + (atStart ? ': ' : ' ');
+    box.value = box.value.slice(0, state.start) + inserted + state.after;
+    const caret = state.start + inserted.length;
+    box.setSelectionRange(caret, caret);
+    state.value = box.value;
+    state.caret = caret;
+    completion.state = state;
+    boxChanged();
+    return true;
+  }
+
+  // Clicking a sender's name puts @name in the box (the keyboard's way is Tab).
+  function mention(name) {
+    const box = ui.input;
+    const before = box.value.slice(0, box.selectionStart);
+    const after = box.value.slice(box.selectionEnd);
+    const text = `${before && !/\s$/.test(before) ? ' ' : ''}@${name} `;
+    box.value = before + text + after;
+    const caret = before.length + text.length;
+    box.focus();
+    box.setSelectionRange(caret, caret);
+    boxChanged();
+  }
+
+  // A time's tooltip (the full date and time) is made when first pointed
+  // at, not for each of a thousand rows up front.
+  ui.messages.addEventListener('mouseover', (event) => {
+    const time = event.target.closest('time');
+    if (time && !time.title) time.title = FORMAT.full.format(new Date(time.dateTime));
+  });
+
+  ui.messages.addEventListener('click', (event) => {
+    const sender = event.target.closest('#messages > li.msg .sender');
+    if (sender) mention(sender.textContent);
   });
 
   // Changing one's name: a small dialog that sends /nick.
@@ -862,6 +1471,136 @@
     ui.input.focus();
   });
 
+  // Settings: kept in this browser.
+
+  function savePrefs() {
+    store.set(SETTINGS_KEY, JSON.stringify(prefs));
+  }
+
+  function applyPrefs() {
+    ui.showPresence.checked = prefs.showPresence;
+    ui.notify.checked = prefs.notify;
+    document.body.classList.toggle('hide-presence', !prefs.showPresence);
+    settle();
+  }
+
+  ui.showPresence.addEventListener('change', () => {
+    prefs.showPresence = ui.showPresence.checked;
+    savePrefs();
+    applyPrefs();
+  });
+
+  ui.notify.addEventListener('change', () => {
+    prefs.notify = ui.notify.checked;
+    savePrefs();
+    askToNotify();  // a click: a user gesture
+  });
+
+  // Rooms: the ones visited on this server (localStorage), and a field to
+  // open another. Switching needs no reload: the socket goes to the new
+  // room, and each room keeps its draft and its unsent lines.
+
+  function roomsKey() {
+    return `${ROOMS_KEY} ${settings.server}`;
+  }
+
+  function visitedRooms() {
+    const rooms = store.json(roomsKey());
+    return Array.isArray(rooms) ? rooms.filter((room) => isText(room) && validRoom(room)) : [];
+  }
+
+  function visited(room) {
+    const rooms = [room, ...visitedRooms().filter((other) => other !== room)].slice(0, ROOMS_KEPT);
+    store.set(roomsKey(), JSON.stringify(rooms));
+    renderRooms();
+  }
+
+  function renderRooms() {
+    const rooms = visitedRooms();
+    if (!rooms.includes(settings.room)) rooms.unshift(settings.room);
+    ui.rooms.replaceChildren(...rooms.map((room) => {
+      const item = el('li');
+      const button = el('button', 'room-button', `#${room}`);
+      button.type = 'button';
+      button.dataset.room = room;
+      if (room === settings.room) button.setAttribute('aria-current', 'page');
+      item.append(button);
+      return item;
+    }));
+  }
+
+  ui.rooms.addEventListener('click', (event) => {
+    const button = event.target.closest('button[data-room]');
+    if (button) switchRoom(button.dataset.room);
+  });
+
+  ui.roomForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const room = ui.roomInput.value.trim().replace(/^#/, '');
+    if (!validRoom(room)) {
+      ui.roomError.textContent = 'A room name has 1 to 64 letters A-Z a-z, digits, _ . -';
+      return;
+    }
+    ui.roomError.textContent = '';
+    ui.roomInput.value = '';
+    switchRoom(room);
+  });
+
+  function switchRoom(room) {
+    if (room === settings.room) {
+      ui.menu.open = false;
+      return;
+    }
+    leaveRoom();
+    settings.room = room;
+    try {
+      const url = new URL(location.href);
+      url.searchParams.set('room', room);
+      history.replaceState(null, '', url.href);
+    } catch { /* from file:// some browsers refuse: the room is still switched */ }
+    ui.menu.open = false;
+    enterRoom();
+    ui.input.focus();
+  }
+
+  // Forget everything of this room but what is kept for it (its draft, and
+  // in this tab its key and unsent lines), and close its socket quietly.
+  function leaveRoom() {
+    keep();
+    const socket = link.socket;
+    link.socket = null;
+    if (socket) socket.close(1000, 'switched rooms');
+    for (const timer of [link.welcomeTimer, link.retryTimer, link.ackTimer, link.stableTimer,
+      chat.whoTimer, chat.reclaimTimer]) clearTimeout(timer);
+    Object.assign(link, {
+      retryTimer: 0, ackTimer: 0, attempts: 0, deadLinks: 0, welcomed: false, why: '',
+    });
+    link.awaiting.clear();
+    Object.assign(chat, {
+      key: null, epoch: null, lastSeq: 0, ownSeqs: new Set(), ownEpoch: null, historyUpTo: 0, quietWho: 0,
+      whoTimer: 0, reclaimTimer: 0, unread: 0, mentions: 0, markNext: false,
+      senders: new Set(), count: 0,
+    });
+    chat.wanted = chat.preferred || chat.name || chat.wanted;
+    outbox.length = 0;
+    earlyRows.clear();
+    setOnline([]);
+    ui.messages.replaceChildren();
+    view.atBottom = true;
+  }
+
+  function enterRoom() {
+    const kept = keptTab.load(settings.server, settings.room);
+    ui.roomName.textContent = settings.room;
+    ui.input.placeholder = `Message #${settings.room}`;
+    ui.input.value = store.get(draftKey()) || '';
+    boxChanged();
+    updateTitle();
+    renderRooms();
+    restore(kept);
+    connect();
+  }
+
   // Scrolling, titles, network hints
 
   ui.messages.addEventListener('scroll', () => {
@@ -881,33 +1620,84 @@
 
   ui.retry.addEventListener('click', retryNow);
 
+  // The title: "(5) #room · Chat" for five lines while away, "(5) @2 ..."
+  // when two of them mention you.
   function updateTitle() {
     const base = `#${settings.room} · Chat`;
-    document.title = chat.unread ? `(${chat.unread}) ${base}` : base;
+    const mentions = chat.mentions ? `@${chat.mentions} ` : '';
+    document.title = chat.unread ? `(${chat.unread}) ${mentions}${base}` : base;
   }
 
   document.addEventListener('visibilitychange', () => {
-    if (document.hidden) return;
+    resettle();
+    if (document.hidden) {
+      // The next line that comes while away gets the "new since you left"
+      // marker above it, replacing the last one.
+      chat.markNext = true;
+      return;
+    }
+    chat.markNext = false;
     chat.unread = 0;
+    chat.mentions = 0;
     updateTitle();
+    relabel();
     retryNow();  // back to the tab: no need to wait out the backoff
   });
 
   window.addEventListener('online', retryNow);
 
-  // Start
+  // Start: a ?server= for another host than the page's own server waits for
+  // the user's yes, in the page.
+
+  function askForServer(then) {
+    const asked = hostOf(settings.asked) || settings.asked;
+    const own = hostOf(settings.server) || settings.server;
+    ui.serverAsked.textContent = asked;
+    ui.serverGoHost.textContent = asked;
+    ui.serverOwn.textContent = own;
+    ui.serverStayHost.textContent = own;
+    let chosen = false;
+    const choose = (server) => {
+      if (chosen) return;
+      chosen = true;
+      settings.server = server;
+      ui.serverPrompt.close();
+      then();
+    };
+    ui.serverGo.addEventListener('click', () => choose(settings.asked));
+    ui.serverStay.addEventListener('click', () => choose(settings.server));
+    // Escape, or a browser that closes the dialog by itself: stay.
+    ui.serverPrompt.addEventListener('cancel', (event) => event.preventDefault());
+    ui.serverPrompt.addEventListener('close', () => choose(settings.server));
+    setState('connecting', `Waiting for your choice of server`);
+    ui.serverPrompt.showModal();
+    ui.serverStay.focus();
+  }
 
   function start() {
     ui.roomName.textContent = settings.room;
     ui.input.placeholder = `Message #${settings.room}`;
-    ui.me.textContent = chat.wanted || 'guest';
+    applyPrefs();
+    relabel();
     updateTitle();
-    if (!ROOM_NAME.test(settings.room) || !settings.room.replace(/\./g, '')) {
+    if (!validRoom(settings.room)) {
       fatal(`“${settings.room}” is not a room name: use 1 to 64 letters A-Z a-z, digits, _ . -`);
       return;
     }
-    restore(settings.kept);
-    connect();
+    if (settings.asked) {
+      ui.me.textContent = 'guest';
+      askForServer(begin);
+      return;
+    }
+    begin();
+  }
+
+  function begin() {
+    const kept = keptTab.load(settings.server, settings.room);
+    chat.wanted = (typeof kept.name === 'string' && kept.name)
+      || settings.queryName || savedName.get() || null;
+    ui.me.textContent = chat.wanted || 'guest';
+    enterRoom();
   }
 
   start();
