@@ -164,12 +164,15 @@ def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
 
 
 def welcome(room: str, name: str, online: list[str], seq: int, epoch: str, key: str,
-            verified: list[str] = (), topic: str = "", mod: bool = False) -> dict:
+            verified: list[str] = (), topic: str = "", mod: bool = False,
+            limits: tuple[int, int] = (MAX_CHARS, MAX_SIZE_BYTES)) -> dict:
     """`verified`: the names in `online` that a sign-in token vouches for;
-    `mod`: the newcomer moderates the room."""
+    `mod`: the newcomer moderates the room; `limits`: the longest line in
+    characters and the largest frame in bytes, for the page to check first."""
     frame = sys_frame(room, "welcome", f"Welcome to {room}, {name}!",
                       name=name, online=online, seq=seq, epoch=epoch, key=key,
-                      verified=list(verified), topic=topic)
+                      verified=list(verified), topic=topic, max_chars=limits[0],
+                      max_size=limits[1])
     if mod:
         frame["mod"] = True
     return frame
@@ -388,6 +391,7 @@ class Room:
     history_bytes: int = HISTORY_BYTES
     crowd: int = CROWD_MEMBERS
     opened_by: str = ""  # the address that opened it
+    limits: tuple[int, int] = (MAX_CHARS, MAX_SIZE_BYTES)  # --max-chars, --max-size
     epoch: str = dataclasses.field(default_factory=lambda: secrets.token_hex(6))
     seq: int = 0  # last seq given out
     delivered_seq: int = 0  # last seq handed to the fan-out
@@ -586,7 +590,8 @@ def newcomer_frames(member: Member, online: list[str], notes: list[dict], missed
     room = member.room
     seq = room.delivered_seq if seq is None else seq
     out = [(member, encode(welcome(room.name, member.name, online, seq, room.epoch,
-                                   member.key, verified, room.topic, member.mod)))]
+                                   member.key, verified, room.topic, member.mod,
+                                   room.limits)))]
     out += [(member, encode(note)) for note in notes]
     if missed:
         out.append((member, encode(gap(room.name, missed))))
@@ -834,7 +839,7 @@ class Chat:
             self.release(reservation)  # it is an opened room now
             room = self.rooms[room_name] = (kind or Room)(
                 room_name, self.config.history, self.config.history_bytes, self.config.crowd,
-                opened_by=address)
+                opened_by=address, limits=(self.config.max_chars, self.config.max_size))
             self.opened[address] += 1
         room.empty_since = None
         return room

@@ -441,3 +441,11 @@ async def test_joins_that_wait_cannot_open_more_rooms_than_an_address_may(start_
     opened = [a for a in attempts if not isinstance(a, Exception)]
     refused = [a for a in attempts if isinstance(a, InvalidStatus)]
     assert len(opened) == 3 and len(refused) == 9, [type(a).__name__ for a in attempts]
+
+
+async def test_the_welcome_names_the_limits_a_line_is_checked_against(start_chat):
+    chat = await start_chat(max_chars=10, max_size=4096)
+    client = await chat.join(chat.room(), name="alice")
+    assert (client.welcome["max_chars"], client.welcome["max_size"]) == (10, 4096)
+    await client.send("x" * 11)
+    assert "10" in (await client.expect(event="error"))["message"]
