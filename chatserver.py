@@ -27,14 +27,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import resource
 import secrets
 import signal
 import ssl
 import sys
-import threading
 import time
 import unicodedata
 import urllib.parse
@@ -1606,8 +1604,9 @@ class Ticket:
 class Client(asyncio.Protocol):
     """One client connection, from the handshake to the close."""
 
-    def __init__(self, server: ChatServer) -> None:
+    def __init__(self, server: ChatServer, head: bytes = b"") -> None:
         self.server = server
+        self.head = head  # what --workers' parent read before handing it over
         self.protocol = ServerProtocol(max_size=server.config.max_size,
                                        logger=protocol_log)
         self.transport: asyncio.Transport | None = None
@@ -1643,6 +1642,9 @@ class Client(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(
             self.server.config.handshake_timeout, self.transport.abort)
         self.server.connected(self)
+        if self.head:
+            head, self.head = self.head, b""
+            self.data_received(head)
 
     def pause_writing(self) -> None:
         self.pause("writes")
@@ -2301,7 +2303,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="rooms --store keeps on disk: the N most recently active; older ones are "
              "deleted")
     add("--workers", type=int, default=1,
-        help="processes serving the same port (SO_REUSEPORT), one per core; needs --broker")
+        help="worker processes, one per core: the parent hands each connection to the "
+             "worker that owns its room (no Redis needed; not with --certfile or --store)")
     args = parser.parse_args(argv)
     check_scale_out_args(parser, args)
     if not 0 <= args.batch_window <= 1000:
@@ -2334,9 +2337,12 @@ def check_scale_out_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if args.store and args.broker:
         parser.error("--store and --broker cannot go together: with --broker, Redis keeps "
                      "the rooms")
-    if args.workers > 1 and not args.broker:
-        parser.error("--workers needs --broker redis://HOST:PORT/DB: worker processes "
-                     "share their rooms only through Redis")
+    if args.workers > 1 and args.store:
+        parser.error("--store cannot go with --workers: each worker keeps its own rooms, "
+                     "and one store file serves one process")
+    if args.workers > 1 and args.certfile:
+        parser.error("--workers cannot go with --certfile: each connection is handed to its "
+                     "room's worker by its request line; terminate TLS in a proxy in front")
     if args.broker and urllib.parse.urlsplit(args.broker).scheme not in (
             "redis", "rediss", "unix"):
         parser.error("--broker must be a redis://HOST:PORT/DB URL "
@@ -2350,10 +2356,18 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
-    """Start serving `config` and return the chat and the listening server."""
+async def listen(config: Config, handoff=None) -> tuple[ChatServer, asyncio.Server]:
+    """Start serving `config` and return the chat and the listening server
+    (for a worker of --workers, what takes the connections its parent hands
+    over on the socket `handoff`)."""
     chat_server = ChatServer(config)
     await chat_server.rooms.start()
+    if handoff is not None:
+        from chatserver_workers import Handoff
+        server = Handoff(handoff, lambda head: Client(chat_server, head))
+        chat_server.tasks = [asyncio.create_task(chat_server.sweep_rooms()),
+                             asyncio.create_task(chat_server.keep_alive())]
+        return chat_server, server
     ssl_context = None
     if config.certfile:
         ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -2362,8 +2376,7 @@ async def listen(config: Config) -> tuple[ChatServer, asyncio.Server]:
     server = await loop.create_server(lambda: Client(chat_server), config.host, config.port,
                                       ssl=ssl_context, backlog=1024,
                                       ssl_handshake_timeout=config.handshake_timeout
-                                      if ssl_context else None,
-                                      reuse_port=config.workers > 1 or None)
+                                      if ssl_context else None)
     chat_server.tasks = [asyncio.create_task(chat_server.sweep_rooms()),
                          asyncio.create_task(chat_server.keep_alive())]
     return chat_server, server
@@ -2388,9 +2401,9 @@ async def shut_down(chat_server: ChatServer, server: asyncio.Server) -> None:
     await chat_server.rooms.close()
 
 
-async def run(config: Config, ready: Callable[[str], None] = print) -> None:
-    chat_server, server = await listen(config)
-    port = server.sockets[0].getsockname()[1]
+async def run(config: Config, ready: Callable[[str], None] = print, handoff=None) -> None:
+    chat_server, server = await listen(config, handoff)
+    port = server.sockets[0].getsockname()[1] if server.sockets else config.port
     scheme = "wss" if config.certfile else "ws"
     host = config.host or "localhost"
     ready(f"chatserver listening on {scheme}://{host}:{port}/ "
@@ -2412,113 +2425,6 @@ def safe_url(url: str | None) -> str:
         return url or ""
     netloc = parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{netloc}"))
-
-
-# --workers: N processes on one port ----------------------------------------
-
-WORKER_START_TIMEOUT_S = 30.0
-WORKER_RESTART_S = 1.0  # pause before restarting a worker that died
-WORKER_ORPHAN_CHECK_S = 1.0  # how often a worker checks that its parent lives
-
-
-def run_workers(config: Config) -> int | str:
-    """Start --workers processes serving one port (SO_REUSEPORT: the kernel
-    spreads connections over them), restart any that dies, and stop them all
-    on SIGTERM/SIGINT.  Returns the exit status (a message on failure)."""
-    import multiprocessing
-    import multiprocessing.connection
-    import socket
-
-    from chatserver_redis import check_broker
-
-    try:
-        asyncio.run(check_broker(config.broker))
-    except Unavailable as exc:
-        return f"chatserver: {exc}"
-    # Hold the port (bound, never listening, so it gets no connections) so
-    # that --port 0 means one port for all, and a restarted worker finds it.
-    reserved = socket.socket()
-    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        reserved.bind((config.host or "", config.port))
-    except OSError as exc:
-        return f"chatserver: cannot listen on port {config.port}: {exc}"
-    config = dataclasses.replace(config, port=reserved.getsockname()[1])
-    context = multiprocessing.get_context("fork")
-    ready, ready_writer = context.Pipe(duplex=False)
-    stopping = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.append(True))
-
-    def start_worker() -> multiprocessing.Process:
-        worker = context.Process(target=serve_as_worker, args=(config, ready_writer))
-        worker.start()
-        return worker
-
-    workers = [start_worker() for _ in range(config.workers)]
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    started = 0
-    while started < len(workers):
-        failed = [worker for worker in workers if not worker.is_alive()]
-        if failed or stopping or time.monotonic() > deadline:
-            stop_workers(workers, config.shutdown_timeout)
-            if stopping:
-                return 0
-            return (f"chatserver: a worker did not start (exit code "
-                    f"{failed[0].exitcode if failed else 'none: timeout'})")
-        if ready.poll(0.1):
-            ready.recv()
-            started += 1
-    scheme = "wss" if config.certfile else "ws"
-    host = config.host or "localhost"
-    print(f"chatserver listening on {scheme}://{host}:{config.port}/ with {len(workers)} "
-          f"worker processes sharing {safe_url(config.broker)}", flush=True)
-    while not stopping:
-        multiprocessing.connection.wait([ready, *(worker.sentinel for worker in workers)], 0.5)
-        while ready.poll():  # a restarted worker's "listening": read, or the pipe fills up
-            ready.recv()
-        for n, worker in enumerate(workers):
-            if not worker.is_alive() and not stopping:
-                log.warning("worker %d exited with %s; restarting it", worker.pid,
-                            worker.exitcode)
-                time.sleep(WORKER_RESTART_S)
-                workers[n] = start_worker()
-    stop_workers(workers, config.shutdown_timeout)
-    return 0
-
-
-def serve_as_worker(config: Config, ready_writer) -> None:
-    """One worker process: serve, and tell the parent once listening."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)  # until run() installs its own
-
-    def ready(line: str) -> None:
-        if line.startswith("chatserver listening"):
-            ready_writer.send(os.getpid())
-
-    # A worker whose parent died (even by SIGKILL) must not serve on alone.
-    threading.Thread(target=stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    try:
-        run_loop(config, run(config, ready=ready))
-    except Unavailable as exc:
-        sys.exit(f"chatserver: {exc}")
-
-
-def stop_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(WORKER_ORPHAN_CHECK_S)
-    os.kill(os.getpid(), signal.SIGTERM)  # a graceful shutdown, as from the parent
-
-
-def stop_workers(workers: list, timeout: float) -> None:
-    for worker in workers:
-        if worker.is_alive():
-            os.kill(worker.pid, signal.SIGTERM)
-    for worker in workers:
-        worker.join(timeout + 5)
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
 
 
 def run_loop(config: Config, coroutine) -> None:
@@ -2564,6 +2470,7 @@ def main(argv: list[str] | None = None) -> None:
     protocol_log.setLevel(logging.DEBUG if config.log_level == "DEBUG" else logging.WARNING)
     raise_open_files_limit()
     if config.workers > 1:
+        from chatserver_workers import run_workers
         sys.exit(run_workers(config))
     try:
         run_loop(config, run(config, ready=lambda line: print(line, flush=True)))

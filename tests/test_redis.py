@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -102,13 +101,6 @@ def test_help_documents_broker_and_workers():
     result = subprocess.run([sys.executable, "chatserver.py", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert "--broker redis://HOST:PORT/DB" in result.stdout and "--workers" in result.stdout
-
-
-def test_workers_without_broker_is_a_clear_error():
-    result = subprocess.run([sys.executable, "chatserver.py", "--workers", "2"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert "--workers needs --broker redis://HOST:PORT/DB" in result.stderr
 
 
 def test_broker_must_be_a_redis_url():
@@ -437,66 +429,6 @@ async def test_empty_room_is_forgotten_after_room_ttl(cluster, redis_server):
 
 
 # --workers ------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as file:
-        return [int(child) for child in file.read().split()]
-
-
-async def test_workers_serve_one_port_as_one_chat(run_process, redis_server):
-    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
-    assert len(children(parent.popen.pid)) == 2
-    redis = redis_server.client()
-    clients = []
-    procs: set[str] = set()
-    while len(procs) < 2:  # the kernel spreads connections over both workers
-        assert len(clients) < 40, "every connection went to one worker"
-        clients.append(await join(parent.url, "r", name=f"u{len(clients)}"))
-        procs = {json.loads(v)["proc"] for v in redis.hvals("chat:r:names")}
-    await clients[0].send("hello all")
-    for client in clients:
-        assert (await client.expect(type="user"))["seq"] == 1
-    parent.popen.send_signal(signal.SIGTERM)
-    for client in clients:
-        await client.expect(event="shutdown")
-    assert await asyncio.to_thread(parent.popen.wait, 20) == 0
-
-
-async def test_a_worker_that_dies_is_restarted(run_process, redis_server):
-    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
-    first, second = children(parent.popen.pid)
-    os.kill(first, signal.SIGKILL)
-    async with asyncio.timeout(15):
-        while True:
-            now = children(parent.popen.pid)
-            if len(now) == 2 and first not in now:
-                break
-            await asyncio.sleep(0.1)
-    assert second in now
-    clients = [await join(parent.url, "r", name=f"u{n}") for n in range(4)]
-    await clients[0].send("still one chat")
-    for client in clients:
-        assert (await client.expect(type="user"))["message"] == "still one chat"
-
-
-async def test_workers_stop_when_their_parent_is_killed(run_process, redis_server):
-    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
-    workers = children(parent.popen.pid)
-    assert len(workers) == 2
-    parent.popen.kill()
-    parent.popen.wait()
-    async with asyncio.timeout(15):
-        while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in workers):
-            await asyncio.sleep(0.1)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 async def test_a_name_taken_by_nick_just_before_a_disconnect_is_not_held_for_ever(cluster):

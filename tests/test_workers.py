@@ -1,0 +1,115 @@
+"""--workers N: a parent hands each connection to the worker that owns its
+room, so workers need no Redis (and with --broker still share rooms with
+other machines).  Real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from chatserver_workers import owner
+from conftest import ROOT, chat_lines, join
+from test_redis import FAST
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as file:
+        return [int(child) for child in file.read().split()]
+
+
+def zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def rooms_of(worker: int, count: int, workers: int = 2) -> list[str]:
+    """`count` room names that `worker` owns."""
+    names = (f"room{n}" for n in range(10_000))
+    return [name for name in names
+            if owner(f"GET /{name} HTTP/1.1\r\n".encode(), workers) == worker][:count]
+
+
+async def test_each_room_lives_on_one_worker_and_rooms_spread_over_all(run_process):
+    parent = run_process("--workers", "2", *FAST)
+    assert len(children(parent.popen.pid)) == 2
+    rooms = rooms_of(0, 3) + rooms_of(1, 3)
+    pairs = []
+    for room in rooms:  # without Redis, two members see each other only on one worker
+        first = await join(parent.url, room, name="a")
+        second = await join(parent.url, room, name="b")
+        await first.send(f"hello {room}")
+        assert await chat_lines(second, 1) == [(1, "a", f"hello {room}")]
+        pairs.append((first, second))
+    # Kill the worker that owns the first three rooms: only their clients go.
+    victim = next(pid for pid in children(parent.popen.pid))
+    os.kill(victim, signal.SIGKILL)
+    gone = []
+    for room, (first, _) in zip(rooms, pairs):
+        try:
+            await first.send("still?")
+            await first.expect(message="still?")
+        except ConnectionClosed:
+            gone.append(room)
+    assert gone in (rooms[:3], rooms[3:]), gone
+    async with asyncio.timeout(15):  # restarted: its rooms are served again
+        while True:
+            try:
+                again = await join(parent.url, gone[0], name="back")
+                break
+            except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError):
+                await asyncio.sleep(0.2)
+    assert again.name == "back" and victim not in children(parent.popen.pid)
+    parent.popen.send_signal(signal.SIGTERM)
+    survivors = [pair for room, pair in zip(rooms, pairs) if room not in gone]
+    for first, _ in survivors:
+        await first.expect(event="shutdown")
+    assert await asyncio.to_thread(parent.popen.wait, 20) == 0
+
+
+async def test_workers_with_a_broker_share_rooms_with_other_processes(run_process,
+                                                                      redis_server):
+    parent = run_process("--workers", "2", "--broker", redis_server.url, *FAST)
+    alone = run_process("--broker", redis_server.url, *FAST)
+    clients = [await join(url, room, name=f"u{n}") for n, (url, room) in enumerate(
+        (url, room) for room in rooms_of(0, 1) + rooms_of(1, 1)
+        for url in (parent.url, alone.url))]
+    for client in clients[::2]:
+        await client.send("across")
+    for client in clients:
+        assert [m for _, _, m in await chat_lines(client, 1)] == ["across"]
+
+
+async def test_workers_stop_when_their_parent_is_killed(run_process):
+    parent = run_process("--workers", "2")
+    workers = children(parent.popen.pid)
+    assert len(workers) == 2
+    parent.popen.kill()
+    parent.popen.wait()
+    async with asyncio.timeout(15):
+        while any(os.path.exists(f"/proc/{pid}") and not zombie(pid) for pid in workers):
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("flags, says", [(["--certfile", "x.pem"], "cannot go with --certfile"),
+                                         (["--store", "x.db"], "cannot go with --workers")])
+def test_what_workers_cannot_do_is_a_clear_error(flags, says):
+    result = subprocess.run([sys.executable, "chatserver.py", "--workers", "2", *flags],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and says in result.stderr
+
+
+@pytest.mark.parametrize("line, room", [("GET /dev?name=a HTTP/1.1", "dev"),
+                                        ("GET / HTTP/1.1", "lobby"),
+                                        ("GET /../x HTTP/1.1", ""), ("junk", "")])
+def test_a_request_line_goes_to_the_owner_of_its_room(line, room):
+    from zlib import crc32
+    assert owner(line.encode() + b"\r\nHost: x\r\n", 3) == crc32(room.encode()) % 3
