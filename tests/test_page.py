@@ -28,15 +28,15 @@ import threading
 import time
 import urllib.parse
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from test_browser import (  # the same servers and page helpers as the first stories
-    CHROMIUM, CHROMIUM_ARGS, PUBLIC, RECONNECT_MS, WAIT_MS, ChatPage, ChatServerProcess, Relay,
-    StaticServer, in_ci, page_url, sync_playwright)
+from test_browser import (  # the same servers, browser and page helpers as the first stories
+    PUBLIC, RECONNECT_MS, WAIT_MS, ChatPage, ChatServerProcess, Relay, StaticServer, page_url,
+    sync_playwright)
+from test_browser import browser, chat_server, site  # noqa: F401  (fixtures)
 
 if sync_playwright is not None:
     from playwright.sync_api import expect
@@ -191,45 +191,6 @@ class SilentServer:
 
 
 # The browser -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    problem = None
-    if sync_playwright is None:
-        problem = "the playwright package is missing: pip install -e '.[test]'"
-    elif not Path(CHROMIUM).exists():
-        problem = f"{CHROMIUM} is missing: apt-get install chromium (or set $CHROMIUM)"
-    if problem:
-        if in_ci():
-            pytest.fail(f"browser tests cannot run under CI: {problem}", pytrace=False)
-        pytest.skip(problem)
-    playwright = sync_playwright().start()
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as exc:
-        playwright.stop()
-        if in_ci():
-            pytest.fail(f"cannot start {CHROMIUM}: {exc}", pytrace=False)
-        pytest.skip(f"cannot start {CHROMIUM}: {exc}")
-    expect.set_options(timeout=WAIT_MS)
-    yield browser
-    browser.close()
-    playwright.stop()
-
-
-@pytest.fixture(scope="module")
-def site():
-    server = StaticServer(PUBLIC)
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture
-def chat_server():
-    server = ChatServerProcess()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
