@@ -38,7 +38,6 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TypeVar
 
@@ -337,6 +336,7 @@ class Room:
     # Joins and leaves of a crowded room not yet announced: name -> here now
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
+    sent_at: float = float("-inf")  # when the fan-out last sent its frames (loop time)
 
     def __post_init__(self) -> None:
         self.history = collections.deque()
@@ -970,7 +970,6 @@ class Fanout:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.batch_window = config.batch_window / 1000
-        self.sent_at: weakref.WeakKeyDictionary[Room, float] = weakref.WeakKeyDictionary()
         self.scheduled: dict[Room, asyncio.Handle] = {}  # rooms with a flush to come
         self.presence_scheduled: set[Room] = set()
         self.running_loop: asyncio.AbstractEventLoop | None = None
@@ -989,7 +988,7 @@ class Fanout:
         or, with --batch-window, once the window since its last send is over."""
         loop = self.loop()
         if room.pending and room not in self.scheduled:
-            wait = self.sent_at.get(room, float("-inf")) + self.batch_window - loop.time()
+            wait = room.sent_at + self.batch_window - loop.time()
             if wait > 0:
                 self.scheduled[room] = loop.call_later(wait, self.flush, room)
             else:
@@ -1032,7 +1031,7 @@ class Fanout:
         if not frames:
             return
         data = b"".join(map(frame_text, frames))
-        self.sent_at[room] = self.loop().time()
+        room.sent_at = self.loop().time()
         # The hot loop: one write per member, the same bytes for all.  Writes
         # never remove members (that waits for connection_lost), so the dict
         # can be walked as it is.
@@ -1293,6 +1292,7 @@ class Client(asyncio.Protocol):
         self.protocol = ServerProtocol(max_size=server.config.max_size,
                                        logger=protocol_log)
         self.transport: asyncio.Transport | None = None
+        self.max_buffer = server.config.max_buffer
         self.address = ""
         self.member: Member | None = None
         self.fragments: list[bytes] = []
@@ -1518,10 +1518,11 @@ class Client(asyncio.Protocol):
         """The one path by which chat frames reach a client."""
         if self.protocol.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.server.config.max_buffer:
+        transport = self.transport
+        if transport.get_write_buffer_size() > self.max_buffer:
             self.server.drop(self, "too slow")
             return
-        self.transport.write(data)
+        transport.write(data)
 
     def send_protocol_data(self) -> None:
         """Write what the protocol wants written: pongs, close frames, the
