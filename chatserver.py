@@ -1292,6 +1292,7 @@ class Client(asyncio.Protocol):
         self.protocol = ServerProtocol(max_size=server.config.max_size,
                                        logger=protocol_log)
         self.transport: asyncio.Transport | None = None
+        self.max_size = server.config.max_size
         self.max_buffer = server.config.max_buffer
         self.address = ""
         self.member: Member | None = None
@@ -1307,6 +1308,7 @@ class Client(asyncio.Protocol):
         # many bytes the parser needs to finish a frame it has begun.
         self.held = b""
         self.owed = 0
+        self.in_message = False  # the parser has begun a fragmented message
         self.entered = False  # past the handshake, in the chat
         self.acks = False
         self.paused: set[str] = set()  # why we read nothing from it now
@@ -1387,7 +1389,6 @@ class Client(asyncio.Protocol):
         if self.held:
             data, self.held = self.held + data, b""
         pos, end, taken = 0, len(data), False
-        limit = protocol.max_message_size
         while pos < end:
             found = frame_head(data, pos)
             if found is None:
@@ -1395,7 +1396,7 @@ class Client(asyncio.Protocol):
                 break
             head, length = found
             if (data[pos] == 0x81 and data[pos + 1] & 0x80 and pos + head + length <= end
-                    and (limit is None or length <= limit) and protocol.current_size is None
+                    and length <= self.max_size and not self.in_message
                     and protocol.state is State.OPEN and not protocol.debug):
                 # FIN, no RSV bits, text, masked, whole, not too big, not in
                 # the middle of a fragmented message: what on_frame does.
@@ -1470,6 +1471,10 @@ class Client(asyncio.Protocol):
     def on_frame(self, frame: Frame) -> None:
         self.heard()
         opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.in_message = not frame.fin  # as the parser sees it, admitted or not
+        elif opcode is Opcode.CONT and frame.fin:
+            self.in_message = False
         # Every frame counts towards the client's rate: a whole text message
         # once (as a line), any other frame (ping, pong, binary, each
         # continuation) on its own.  Its pong or error counts towards
