@@ -36,7 +36,6 @@ import sys
 import time
 import unicodedata
 import urllib.parse
-import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TypeVar
 
@@ -44,6 +43,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension
+    from websockets.utils import apply_mask
 
 __all__ = ["Config", "Chat", "Room", "Member", "Rooms", "MemoryRooms", "ChatServer", "Client",
            "listen", "shut_down", "main"]
@@ -153,7 +157,18 @@ def now_ms() -> int:
 
 
 def encode(frame: dict) -> bytes:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+    """`frame` as compact JSON, non-ASCII text as it is, in UTF-8."""
+    if _json_chunks is None:  # no C accelerator (PyPy): the same, slower
+        return json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode()
+    return "".join(_json_chunks(frame, 0)).encode()
+
+
+# What json.dumps(frame, ensure_ascii=False, separators=(",", ":")) runs, made
+# once: dumps builds an encoder for every call, which cost as much as the rest
+# of a chat line's handling.  No circular check: frames are built here.
+_json_chunks = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+    False, False, True)
 
 
 def sys_frame(room: str, event: str, message: str, **fields: object) -> dict:
@@ -403,6 +418,7 @@ class Room:
     # Joins and leaves of a crowded room not yet announced: name -> here now
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
+    sent_at: float = float("-inf")  # when the fan-out last sent its frames (loop time)
 
     def __post_init__(self) -> None:
         self.history = collections.deque()
@@ -543,12 +559,17 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+# Unicode's category Cc (C0, DEL and C1 controls; fixed by the standard), but
+# for newline and tab: one regular expression, not a lookup per character.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def text_problem(text: str, max_chars: int) -> str | None:
     """Why `text` cannot be sent as a chat message, or None if it can."""
     if len(text) > max_chars:
         return (f"message too long ({len(text)} characters; the limit is "
                 f"{max_chars}); it was not sent")
-    if any(unicodedata.category(char) == "Cc" and char not in "\n\t" for char in text):
+    if CONTROL_CHARS.search(text):
         return "control characters are not allowed in messages; it was not sent"
     return None
 
@@ -1222,16 +1243,25 @@ class Fanout:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.batch_window = config.batch_window / 1000
-        self.sent_at: weakref.WeakKeyDictionary[Room, float] = weakref.WeakKeyDictionary()
         self.scheduled: dict[Room, asyncio.Handle] = {}  # rooms with a flush to come
         self.presence_scheduled: set[Room] = set()
+        self.running_loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop.  Kept: on Python 3.11,
+        asyncio.get_running_loop() costs a getpid() system call, and every
+        line would pay two."""
+        loop = self.running_loop
+        if loop is None or not loop.is_running():
+            loop = self.running_loop = asyncio.get_running_loop()
+        return loop
 
     def publish(self, room: Room) -> None:
         """Send what `room` has queued, at the end of this event loop turn,
         or, with --batch-window, once the window since its last send is over."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         if room.pending and room not in self.scheduled:
-            wait = self.sent_at.get(room, float("-inf")) + self.batch_window - loop.time()
+            wait = room.sent_at + self.batch_window - loop.time()
             if wait > 0:
                 self.scheduled[room] = loop.call_later(wait, self.flush, room)
             else:
@@ -1274,7 +1304,7 @@ class Fanout:
         if not frames:
             return
         data = b"".join(map(frame_text, frames))
-        self.sent_at[room] = asyncio.get_running_loop().time()
+        room.sent_at = self.loop().time()
         # The hot loop: one write per member, the same bytes for all.  Writes
         # never remove members (that waits for connection_lost), so the dict
         # can be walked as it is.
@@ -1601,6 +1631,24 @@ class Ticket:
     identity: Identity | None = None  # who its sign-in token says it is
 
 
+def frame_head(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(header size, payload length) of the WebSocket frame that starts at
+    `pos` in `data` (RFC 6455 5.2; the header with its mask key), or None if
+    its header is not all there yet."""
+    if len(data) - pos < 2:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    head = 6 if second & 0x80 else 2
+    if length == 126:
+        head += 2
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+    elif length == 127:
+        head += 8
+        length = int.from_bytes(data[pos + 2:pos + 10], "big")
+    return (head, length) if len(data) - pos >= head else None
+
+
 class Client(asyncio.Protocol):
     """One client connection, from the handshake to the close."""
 
@@ -1610,6 +1658,8 @@ class Client(asyncio.Protocol):
         self.protocol = ServerProtocol(max_size=server.config.max_size,
                                        logger=protocol_log)
         self.transport: asyncio.Transport | None = None
+        self.max_size = server.config.max_size
+        self.max_buffer = server.config.max_buffer
         self.address = ""
         self.member: Member | None = None
         self.fragments: list[bytes] = []
@@ -1619,6 +1669,12 @@ class Client(asyncio.Protocol):
         self.heard_at = time.monotonic()  # when it last sent a frame
         self.answered = False  # its request has had its answer
         self.early = bytearray()  # what came before that answer
+        # Frames are read here or by websockets' parser (see receive_frames):
+        # the start of a frame whose header is not all there yet, and how
+        # many bytes the parser needs to finish a frame it has begun.
+        self.held = b""
+        self.owed = 0
+        self.in_message = False  # the parser has begun a fragmented message
         self.entered = False  # past the handshake, in the chat
         self.acks = False
         self.paused: set[str] = set()  # why we read nothing from it now
@@ -1666,7 +1722,7 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.answered:
-            self.feed(data)
+            self.receive_frames(data)
             return
         # Until the request is answered, what follows it waits: a frame sent
         # along with it would otherwise be taken first (its pong, or its
@@ -1681,7 +1737,68 @@ class Client(asyncio.Protocol):
         self.feed(head)
         if self.answered and self.early:
             rest, self.early = bytes(self.early), bytearray()
-            self.feed(rest)
+            self.receive_frames(rest)
+
+    def receive_frames(self, data: bytes) -> None:
+        """Take frames from the client.  The chat's lines, whole final text
+        frames, are read here: websockets' parser cost as much as all the
+        rest of a line's handling.  Anything else (control frames,
+        fragments, a frame split across reads, anything malformed, or
+        anything once the connection is closing) goes to the parser, from
+        that frame to the end of the read, and the parser is kept at a frame
+        boundary whenever we read a frame ourselves."""
+        protocol = self.protocol
+        if self.owed:  # the parser is inside a frame: this is its
+            if len(data) <= self.owed:
+                self.owed -= len(data)
+                self.feed(data)
+                return
+            self.feed(data[:self.owed])
+            data, self.owed = data[self.owed:], 0
+        if self.held:
+            data, self.held = self.held + data, b""
+        pos, end, taken = 0, len(data), False
+        while pos < end:
+            found = frame_head(data, pos)
+            if found is None:
+                self.held = data[pos:]
+                break
+            head, length = found
+            if (data[pos] == 0x81 and data[pos + 1] & 0x80 and pos + head + length <= end
+                    and length <= self.max_size and not self.in_message
+                    and protocol.state is State.OPEN and not protocol.debug):
+                # FIN, no RSV bits, text, masked, whole, not too big, not in
+                # the middle of a fragmented message: what on_frame does.
+                start, pos = pos + head, pos + head + length
+                self.heard()
+                self.on_message(True, apply_mask(data[start:pos], data[start - 4:start]))
+                taken = True
+                continue
+            self.give_to_parser(data, pos)
+            return
+        if taken:
+            self.send_protocol_data()
+
+    def give_to_parser(self, data: bytes, pos: int) -> None:
+        """Feed websockets' parser `data` from the frame at `pos` on; hold
+        an unfinished header back, and count what an unfinished frame owes."""
+        start, end = pos, len(data)
+        while pos < end:
+            found = frame_head(data, pos)
+            if found is None:
+                self.held = data[pos:]
+                break
+            pos += found[0] + found[1]
+        if pos > end:
+            self.owed, pos = pos - end, end
+        self.feed(data[start:pos])
+
+    def release_held(self) -> None:
+        """The connection ends: the parser gets the unfinished header we
+        held, as it would have had it."""
+        if self.held and not self.protocol.reader.eof:
+            held, self.held = self.held, b""
+            self.protocol.receive_data(held)
 
     def feed(self, data: bytes) -> None:
         self.protocol.receive_data(data)
@@ -1693,12 +1810,14 @@ class Client(asyncio.Protocol):
         self.send_protocol_data()
 
     def eof_received(self) -> None:
+        self.release_held()
         self.protocol.receive_eof()
         self.send_protocol_data()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer:
             self.timer.cancel()
+        self.release_held()
         self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
         self.server.disconnected(self)
 
@@ -1719,11 +1838,12 @@ class Client(asyncio.Protocol):
     # Messages
 
     def on_frame(self, frame: Frame) -> None:
-        self.ping_sent_at = None  # any frame shows the peer is alive
-        self.heard_at = time.monotonic()
-        if self.member is not None and self.member.previous_key is not None:
-            self.server.rooms.spend(self.member)
+        self.heard()
         opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self.in_message = not frame.fin  # as the parser sees it, admitted or not
+        elif opcode is Opcode.CONT and frame.fin:
+            self.in_message = False
         # Every frame counts towards the client's rate: a whole text message
         # once (as a line), any other frame (ping, pong, binary, each
         # continuation) on its own.  Its pong or error counts towards
@@ -1743,6 +1863,14 @@ class Client(asyncio.Protocol):
                 data, self.fragments = b"".join(self.fragments), []
                 self.on_message(self.fragmented_text, data)
         # PING, PONG and CLOSE are answered by the protocol itself.
+
+    def heard(self) -> None:
+        """A frame came: the peer is alive (any frame shows it), and it has
+        spoken, which spends the key it connected with."""
+        self.ping_sent_at = None
+        self.heard_at = time.monotonic()
+        if self.member is not None and self.member.previous_key is not None:
+            self.server.rooms.spend(self.member)
 
     def on_message(self, is_text: bool, data: bytes) -> None:
         if not self.entered or self.protocol.state is not State.OPEN:
@@ -1764,10 +1892,11 @@ class Client(asyncio.Protocol):
         """The one path by which chat frames reach a client."""
         if self.protocol.state is not State.OPEN:
             return
-        if self.transport.get_write_buffer_size() > self.server.config.max_buffer:
+        transport = self.transport
+        if transport.get_write_buffer_size() > self.max_buffer:
             self.server.drop(self, "too slow")
             return
-        self.transport.write(data)
+        transport.write(data)
 
     def send_protocol_data(self) -> None:
         """Write what the protocol wants written: pongs, close frames, the

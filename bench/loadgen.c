@@ -9,6 +9,7 @@
  *   loadgen idle   HOST PORT PATH CLIENTS DEFLATE     (holds until stdin closes)
  *   loadgen storm  HOST PORT PATH CLIENTS DEFLATE
  *   loadgen ingest HOST PORT PREFIX CLIENTS ROOMS LINE_BYTES STEP_S DEFLATE SERVER_PID RATE...
+ *   loadgen rooms  HOST PORT PREFIX CLIENTS ROOMS SENDERS MSG_BYTES STEP_S DEFLATE SERVER_PID RATE...
  *
  * ingest: client i joins room PREFIX<i % ROOMS> (/r0, /r1, ...) with
  * ?acks=1, and every client sends: lines go round-robin over all clients at
@@ -16,6 +17,15 @@
  * "xxx..."}.  Every frame received is scanned (memmem, no JSON parsing) for
  * "event":"ack" (the cid gives the latency of every ack), "event":"error",
  * or else counted as a chat delivery.
+ *
+ * rooms: many small rooms.  Client i joins room PREFIX<i % ROOMS> (no
+ * acks), SENDERS clients of each room send (clients 0 .. SENDERS*ROOMS-1),
+ * lines go round-robin over them at an open-loop rate (lines/s), each
+ * carrying its send time like the fan-out's.  Each line should reach every
+ * member of its room, the sender too; every client reads the timestamp of
+ * every frame it gets, so the latency is that of every delivery.  The
+ * ladder ends after two failing steps in a row (lost frames or p99 >= 100
+ * ms), not one: on a shared machine a neighbour can spoil one step.
  *
  * Results are JSON lines on stdout.  Loopback only; every phase is bounded
  * in time.
@@ -60,8 +70,9 @@ static double *lat_ms;
 static long nlat;
 static const char *host, *path;
 static int port;
-/* ingest: clients spread over rooms PATH0..PATH<rooms-1>, with ?acks=1 */
-static int rooms;
+/* ingest and rooms: clients spread over rooms PATH0..PATH<rooms-1>; the
+ * ingest's with ?acks=1 */
+static int rooms, with_acks;
 static long acks, errors_seen, deliveries;
 static void on_ingest_frame(const unsigned char *p, size_t n);
 
@@ -125,7 +136,8 @@ static void open_conn(int i, int deflate) {
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     char req[768], target[300];
-    if (rooms > 0) snprintf(target, sizeof target, "%s%d?acks=1", path, i % rooms);
+    if (rooms > 0)
+        snprintf(target, sizeof target, "%s%d%s", path, i % rooms, with_acks ? "?acks=1" : "");
     else snprintf(target, sizeof target, "%s", path);
     int n = snprintf(req, sizeof req,
         "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -137,7 +149,7 @@ static void open_conn(int i, int deflate) {
     fcntl(c->fd, F_SETFL, O_NONBLOCK);
     c->cap = 65536;
     c->buf = malloc(c->cap);
-    c->sampled = rooms > 0 || i < SAMPLED;  /* ingest reads every frame */
+    c->sampled = rooms > 0 || i < SAMPLED;  /* ingest and rooms read every frame */
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = i};
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
 }
@@ -165,7 +177,7 @@ static void note_latency(const unsigned char *p, size_t n) {
 }
 
 static void sample(Conn *c, const unsigned char *p, size_t n, int rsv1) {
-    void (*take)(const unsigned char *, size_t) = rooms > 0 ? on_ingest_frame : note_latency;
+    void (*take)(const unsigned char *, size_t) = with_acks ? on_ingest_frame : note_latency;
     if (!rsv1) { take(p, n); return; }
     static unsigned char out[262144];
     static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
@@ -424,6 +436,59 @@ static int ingest(int argc, char **argv) {
     return 0;
 }
 
+/* rooms: SENDERS per room send plain lines; each should reach its room. */
+static int rooms_scenario(int argc, char **argv) {
+    int senders = atoi(argv[7]) * rooms, msg_bytes = atoi(argv[8]), deflate = atoi(argv[10]);
+    double step_s = atof(argv[9]);
+    int server_pid = atoi(argv[11]);
+    if (senders < 1 || senders > nconns) { fprintf(stderr, "bad SENDERS\n"); return 2; }
+    if (msg_bytes < 24 || msg_bytes > 120) msg_bytes = 64;
+    connect_all(deflate, 180);
+    pump(now_s() + 30, 1.0);  /* let join notices settle */
+    int *members = calloc(rooms, sizeof *members);
+    for (int i = 0; i < nconns; i++) members[i % rooms]++;
+    unsigned char text[128];
+    int failed = 0;
+    for (int r = 12; r < argc; r++) {
+        double rate = atof(argv[r]);
+        total_messages = 0;
+        nlat = 0;
+        long expected = 0, sent = 0;
+        double cpu0 = proc_cpu_s(server_pid), self0 = self_cpu_s();
+        double t0 = now_s(), end = t0 + step_s;
+        while (now_s() < end) {
+            double t = now_s();
+            while (t0 + sent / rate <= t && t0 + sent / rate < end) {
+                int who = (int)(sent % senders);
+                int n = snprintf((char *)text, sizeof text, MARK "%019lld ", now_ns());
+                memset(text + n, 'x', msg_bytes - n);
+                send_frame(&conns[who], 1, text, msg_bytes);
+                expected += members[who % rooms];
+                sent++;
+            }
+            double next = t0 + sent / rate;
+            pump(next < end ? next : end, 0);
+        }
+        double stopped = pump(now_s() + 5, 0.5);  /* drain */
+        double cpu1 = proc_cpu_s(server_pid), self1 = self_cpu_s();
+        qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
+        double p99 = pct(0.99);
+        printf("{\"rate\": %.0f, \"sent\": %ld, \"expected\": %ld, \"received\": %ld, "
+               "\"lost\": %ld, \"deliveries_per_s\": %.0f, \"p50_ms\": %.2f, \"p99_ms\": %.2f, "
+               "\"max_ms\": %.2f, \"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, "
+               "\"step_s\": %.3f, \"wall_s\": %.3f, \"compressed\": %d}\n",
+               rate, sent, expected, total_messages, expected - total_messages,
+               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0,
+               step_s, stopped - t0, conns[0].compressed);
+        fflush(stdout);
+        /* Two failing steps in a row end the ladder: on a shared machine one
+         * step can fail for a neighbour's sake. */
+        failed = expected != total_messages || p99 >= 100 ? failed + 1 : 0;
+        if (failed == 2) break;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 7) {
         fprintf(stderr, "usage: see the comment at the top of loadgen.c\n");
@@ -442,8 +507,14 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "ingest") && argc >= 12) {
         path = argv[4];
         rooms = atoi(argv[6]);
+        with_acks = 1;
         if (rooms < 1) { fprintf(stderr, "ingest needs ROOMS >= 1\n"); return 2; }
         return ingest(argc, argv);
+    }
+    if (!strcmp(mode, "rooms") && argc >= 13) {
+        rooms = atoi(argv[6]);
+        if (rooms < 1) { fprintf(stderr, "rooms needs ROOMS >= 1\n"); return 2; }
+        return rooms_scenario(argc, argv);
     }
     int deflate = atoi(argv[6]);
     if (!strcmp(mode, "idle")) {

@@ -20,14 +20,22 @@ Each server runs pinned to core 0 (`taskset -c 0`), the C load generator
   lines/s, unacked lines, errors, chat deliveries, p50/p99/max latency from
   send to ack, server CPU per acked line.  The result is the highest step
   with every line acked and delivered, no error, and p99 under 100 ms.
+- rooms: many small rooms: 10,000 clients in 1,000 rooms of 10 (`--rooms`,
+  `--room-size`), 2 senders in each (`--room-senders`), 64-byte lines at an
+  open-loop rate ladder; per step what the fan-out gives, each line being
+  due to every member of its room.  CPU per delivery is read at 20,000
+  deliveries/s (`--rooms-reference`), a load every server sustains.  The
+  servers take turns run by run.
 
 The `store` server is chatserver with `--store` on a fresh SQLite file for
 each run, in a directory on a real disk (not tmpfs): /tmp unless /tmp is a
 tmpfs, then bench/build/; `--store-dir` chooses another.
 
-It prints a table with ratios against each baseline and writes
-bench/results/latest.json.  Needs gcc, zlib headers, node and npm (for the
-`ws` baseline), and the `bench` extra (tornado).
+It prints a table with ratios against each baseline, writes
+bench/results/latest.json, and draws each ladder scenario that it ran as
+docs/bench-SCENARIO.png (`--pictures DIR` elsewhere; with the `bench` extra's
+matplotlib).  Needs gcc, zlib headers, node and npm (for the `ws` baseline),
+and the `bench` extra (tornado, matplotlib).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LOADGEN = BENCH / "build" / "loadgen"
+FLOOR = BENCH / "build" / "floor"
 PY = sys.executable
 
 SERVERS = {
@@ -58,6 +67,9 @@ SERVERS = {
     "tutorial": ([PY, str(BENCH / "baselines" / "tutorial_tornado.py"), "{port}"], "/soc"),
     "naive": ([PY, str(BENCH / "baselines" / "naive_websockets.py"), "{port}"], "/"),
     "node": (["node", str(BENCH / "baselines" / "node_ws_server.js"), "{port}"], "/"),
+    # The kernel's own cost: a C epoll server, one read per line and one
+    # write per member (baselines/floor.c).
+    "floor": ([str(FLOOR), "{port}"], "/"),
 }
 # Scale-out: chatserver over a Redis server that run.py starts (on core 0
 # too: the load generator keeps core 1 to itself).
@@ -67,25 +79,39 @@ SERVERS["redis-workers2"] = (SERVERS["redis"][0] + ["--workers", "2"], "/bench")
 # Durable: chatserver over a SQLite store, a fresh file for each run ({store}
 # is replaced by a new directory; see store_parent()).
 SERVERS["store"] = (SERVERS["chatserver"][0] + ["--store", "{store}/bench.db"], "/bench")
-CHATSERVERS = ("chatserver", "redis", "redis-workers2", "store")
+# The same on uvloop's event loop (the `uvloop` extra): what asyncio's costs.
+SERVERS["uvloop"] = (SERVERS["chatserver"][0] + ["--uvloop"], "/bench")
+CHATSERVERS = ("chatserver", "redis", "redis-workers2", "store", "uvloop")
 LABELS = {
     "redis": "chatserver `--broker` (Redis)",
     "redis-workers2": "chatserver `--broker --workers 2`",
     "store": "chatserver `--store` (SQLite)",
+    "uvloop": "chatserver `--uvloop`",
     "chatserver": "chatserver",
     "tutorial": "tutorial Tornado",
     "naive": "naive `websockets`",
     "node": "Node `ws`",
+    "floor": "C epoll floor",
 }
-BASELINES = ["tutorial", "naive", "node"]
+BASELINES = ["tutorial", "naive", "node", "floor"]
+
+
+def label(name: str) -> str:
+    """How a server is named in tables (a result file may hold others, such
+    as an older chatserver measured in the same run)."""
+    return LABELS.get(name, name)
+# The servers with a room per path (the tutorial's and the naive one have one
+# room for all): those the rooms scenario measures.
+ROOM_SERVERS = (*CHATSERVERS, "node", "floor")
 
 
 def build() -> None:
     LOADGEN.parent.mkdir(exist_ok=True)
-    source = BENCH / "loadgen.c"
-    if not LOADGEN.exists() or LOADGEN.stat().st_mtime < source.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(source), "-lz"],
-                       check=True)
+    for binary, source, libraries in ((LOADGEN, BENCH / "loadgen.c", ["-lz"]),
+                                      (FLOOR, BENCH / "baselines" / "floor.c", [])):
+        if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+            subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source),
+                            *libraries], check=True)
     if not (BENCH / "node_modules" / "ws").exists():
         subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"], cwd=BENCH,
                        check=True)
@@ -274,6 +300,16 @@ def ingest(name: str, options: argparse.Namespace) -> list[dict]:
         server.stop()
 
 
+def rooms(name: str, options: argparse.Namespace) -> list[dict]:
+    server = Server(name)
+    try:
+        return loadgen("rooms", "127.0.0.1", server.port, "/r", options.rooms * options.room_size,
+                       options.rooms, options.room_senders, 64, options.step,
+                       int(options.deflate), server.pid, *options.rooms_ladder)
+    finally:
+        server.stop()
+
+
 def ingest_ok(step: dict) -> bool:
     return (step["lost"] == 0 and step["errors"] == 0 and step["lost_deliveries"] == 0
             and 0 <= step["p99_ms"] < 100)
@@ -311,20 +347,34 @@ def step_at(steps: list[dict], deliveries: float) -> dict | None:
     return min(steps, key=lambda s: abs(s["expected"] / s["step_s"] - deliveries))
 
 
-def summarize(runs: list[list[dict]], clients: int) -> dict:
+def summarize(runs: list[list[dict]], clients: int, at: float = 100_000,
+              suffix: str = "100k") -> dict:
+    """A ladder scenario (fanout, rooms): the max sustained deliveries/s, and
+    the CPU per delivery and latency at the step nearest `at` deliveries/s
+    offered (keys ending in `suffix`); medians over the runs."""
     best = [best_step(steps) for steps in runs]
-    at_100k = [step_at(steps, 100_000) for steps in runs]
-    cpu = [s["server_cpu_s"] / s["received"] * 1e6 for s in at_100k if s and s["received"]]
+    near = [step_at(steps, at) for steps in runs]
+    # CPU: every step offered within 10% of `at` (a ladder may repeat a rate,
+    # to measure it several times); a run whose ladder ended below gives none.
+    cpu = [s["server_cpu_s"] / s["received"] * 1e6 for steps in runs for s in steps
+           if abs(s["expected"] / s["step_s"] - at) <= 0.1 * at and s["received"]]
+    cpu_best = [b["server_cpu_s"] / b["received"] * 1e6 for b in best if b and b["received"]]
     return {
         "max_deliveries_per_s": statistics.median([b["deliveries_per_s"] if b else 0
                                                    for b in best]),
-        "cpu_us_per_delivery_at_100k": statistics.median(cpu) if cpu else None,
-        "p99_ms_at_100k": statistics.median([s["p99_ms"] for s in at_100k if s]),
-        "p50_ms_at_100k": statistics.median([s["p50_ms"] for s in at_100k if s]),
+        "reference_deliveries_per_s": at,
+        f"cpu_us_per_delivery_at_{suffix}": statistics.median(cpu) if cpu else None,
+        f"p99_ms_at_{suffix}": statistics.median([s["p99_ms"] for s in near if s] or [-1]),
+        f"p50_ms_at_{suffix}": statistics.median([s["p50_ms"] for s in near if s] or [-1]),
+        "cpu_us_per_delivery_at_best": statistics.median(cpu_best) if cpu_best else None,
         "loadgen_cpu_share_at_best": statistics.median(
             [b["loadgen_cpu_s"] / b["step_s"] for b in best if b] or [0]),
         "runs": runs,
     }
+
+
+def summarize_rooms(runs: list[list[dict]], at: float) -> dict:
+    return summarize(runs, 0, at, "reference")
 
 
 # Report
@@ -346,7 +396,7 @@ def table(results: dict, options: argparse.Namespace) -> str:
                                 r.get("storm"))
         cpu = f.get("cpu_us_per_delivery_at_100k")
         rows.append(
-            f"| {LABELS[name]} | {f.get('max_deliveries_per_s', 0):,.0f} | "
+            f"| {label(name)} | {f.get('max_deliveries_per_s', 0):,.0f} | "
             f"{f'{cpu:.2f} us' if cpu else 'n/a'} | "
             f"{f.get('p99_ms_at_100k', float('nan')):.1f} ms | "
             f"{idle1['kib_per_connection'] if idle1 else 'n/a'} / "
@@ -364,7 +414,7 @@ def table(results: dict, options: argparse.Namespace) -> str:
             continue
         theirs = results["servers"][name]
         lines.append(
-            f"| {LABELS[name]} | "
+            f"| {label(name)} | "
             f"{ratio(ours.get('fanout', {}).get('max_deliveries_per_s'), theirs.get('fanout', {}).get('max_deliveries_per_s'))} | "
             f"{ratio(ours.get('fanout', {}).get('cpu_us_per_delivery_at_100k'), theirs.get('fanout', {}).get('cpu_us_per_delivery_at_100k'))} | "
             f"{ratio((ours.get('idle_1000') or {}).get('kib_per_connection'), (theirs.get('idle_1000') or {}).get('kib_per_connection'))} |")
@@ -375,8 +425,48 @@ def table(results: dict, options: argparse.Namespace) -> str:
             f"medians of {options.repeat} runs; join storm: {options.storm} clients, "
             "time until all are welcomed / until every notice is delivered.")
     if not any("fanout" in r for r in results["servers"].values()):
-        head, rows, lines = "", [], []  # an ingest-only run
-    return "\n".join([head, "", *rows, *lines, *ingest_table(results, options)]).strip()
+        head, rows, lines = "", [], []  # no fan-out in this run
+    return "\n".join([head, "", *rows, *lines, *rooms_table(results, options),
+                      *ingest_table(results, options)]).strip()
+
+
+def rooms_table(results: dict, options: argparse.Namespace) -> list[str]:
+    """Many small rooms: each server, then chatserver against the others."""
+    have = [n for n in results["servers"] if "rooms" in results["servers"][n]]
+    if not have:
+        return []
+    at = options.rooms_reference
+    rows = ["",
+            (f"Small rooms: {options.rooms * options.room_size:,} clients in {options.rooms:,} "
+             f"rooms of {options.room_size}, {options.room_senders} senders per room, 64-byte "
+             f"lines; medians of {options.repeat} runs. Max sustained: nothing lost, p99 under "
+             f"100 ms. CPU per delivery and latency read at {at:,} deliveries/s."),
+            "",
+            (f"| server | max sustained deliveries/s | CPU per delivery at {at:,}/s | "
+             f"p50 / p99 at {at:,}/s | CPU per delivery at max |"),
+            "|---|---|---|---|---|"]
+    for name in have:
+        r = results["servers"][name]["rooms"]
+        cpu, top = r["cpu_us_per_delivery_at_reference"], r["cpu_us_per_delivery_at_best"]
+        rows.append(f"| {label(name)} | {r['max_deliveries_per_s']:,.0f} | "
+                    f"{f'{cpu:.2f} us' if cpu else 'n/a'} | {r['p50_ms_at_reference']:.1f} / "
+                    f"{r['p99_ms_at_reference']:.1f} ms | {f'{top:.2f} us' if top else 'n/a'} |")
+    mine = [n for n in have if n not in BASELINES]
+    others = [n for n in have if n in BASELINES]
+    if mine and others:
+        rows += ["", "Against each baseline, same run (throughput: higher is better; CPU: "
+                 "lower is better):", "",
+                 "| server | against | max sustained | CPU per delivery at reference |",
+                 "|---|---|---|---|"]
+        for name in mine:
+            ours = results["servers"][name]["rooms"]
+            for other in others:
+                theirs = results["servers"][other]["rooms"]
+                rows.append(
+                    f"| {label(name)} | {label(other)} | "
+                    f"{ratio(ours['max_deliveries_per_s'], theirs['max_deliveries_per_s'])} | "
+                    f"{ratio(ours['cpu_us_per_delivery_at_reference'], theirs['cpu_us_per_delivery_at_reference'])} |")
+    return rows
 
 
 def store_table(results: dict) -> list[str]:
@@ -414,7 +504,7 @@ def ingest_table(results: dict, options: argparse.Namespace) -> list[str]:
     for name in have:
         r = results["servers"][name]["ingest"]
         cpu = r["cpu_us_per_line_at_reference"]
-        rows.append(f"| {LABELS[name]} | {r['max_acked_lines_per_s']:,.0f} | "
+        rows.append(f"| {label(name)} | {r['max_acked_lines_per_s']:,.0f} | "
                     f"{f'{cpu:.1f} us' if cpu else 'n/a'} | {r['p50_ms_at_reference']:.1f} / "
                     f"{r['p99_ms_at_reference']:.1f} ms | {r['p99_ms_at_best']:.1f} ms |")
     if "store" in have and "chatserver" in have:
@@ -426,8 +516,84 @@ def ingest_table(results: dict, options: argparse.Namespace) -> list[str]:
     return rows
 
 
-def report_again(path: Path, reference: int) -> None:
-    """Summarize a result file's runs again and print its table."""
+def draw(results: dict, directory: Path) -> list[Path]:
+    """One picture per ladder scenario in `results`: load offered against
+    load carried, p99 latency and CPU per delivery, one line per server
+    (medians over the runs at each step).  Needs matplotlib (the `bench`
+    extra); without it, draws nothing and says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no pictures: pip install -e '.[bench]' for matplotlib", file=sys.stderr)
+        return []
+    options = results["options"]
+    scenarios = {
+        "fanout": ("deliveries/s", lambda s: s["expected"] / s["step_s"],
+                   lambda s: s["received"] / s["step_s"], "received",
+                   f"Fan-out: {options['clients']:,} clients in one room, "
+                   f"{options['senders']} senders"),
+        "rooms": ("deliveries/s", lambda s: s["expected"] / s["step_s"],
+                  lambda s: s["received"] / s["step_s"], "received",
+                  f"Small rooms: {options['rooms'] * options.get('room_size', 10):,} clients in "
+                  f"{options['rooms']:,} rooms of {options.get('room_size', 10)}, "
+                  f"{options.get('room_senders', 2)} senders each"),
+        "ingest": ("acked lines/s", lambda s: s["sent"] / s["step_s"],
+                   lambda s: s["acked"] / s["step_s"], "acked",
+                   f"Ingest: {options['ingest_clients']:,} clients in {options['rooms']:,} "
+                   "rooms, acks=1"),
+    }
+    drawn = []
+    for scenario, (unit, offered, carried, count, title) in scenarios.items():
+        servers = {name: entry[scenario]["runs"] for name, entry in results["servers"].items()
+                   if scenario in entry}
+        if not servers:
+            continue
+        figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.6))
+        for name, runs in servers.items():
+            by_rate: dict[float, list[dict]] = {}
+            for steps in runs:
+                for step in steps:
+                    by_rate.setdefault(step["rate"], []).append(step)
+            rates = sorted(by_rate)
+            med = {key: [statistics.median(get(s) for s in by_rate[r]) for r in rates]
+                   for key, get in (("offered", offered), ("carried", carried),
+                                    ("p99", lambda s: max(s["p99_ms"], 0.01)),
+                                    ("cpu", lambda s: s["server_cpu_s"] / s[count] * 1e6
+                                     if s[count] else float("nan")))}
+            legend = label(name).replace("`", "")
+            left.plot(med["offered"], med["carried"], marker="o", label=legend)
+            middle.plot(med["offered"], med["p99"], marker="o", label=legend)
+            right.plot(med["offered"], med["cpu"], marker="o", label=legend)
+        top = max(max(offered(s) for steps in runs for s in steps)
+                  for runs in servers.values() if any(runs))
+        left.plot([0, top], [0, top], color="grey", linestyle=":", label="all carried")
+        middle.axhline(100, color="grey", linestyle=":", label="100 ms")
+        for axes, ylabel in ((left, f"{unit} carried"), (middle, "p99 latency (ms)"),
+                             (right, "server CPU per " + ("line" if scenario == "ingest"
+                                                          else "delivery") + " (us)")):
+            axes.set_xscale("log")
+            axes.set_xlabel(f"{unit} offered")
+            axes.set_ylabel(ylabel)
+            axes.grid(True, which="both", alpha=0.3)
+        left.set_yscale("log")
+        middle.set_yscale("log")
+        right.set_ylim(bottom=0)
+        left.legend(fontsize="small")
+        figure.suptitle(f"{title}; medians of {options['repeat']} runs; server on one core")
+        figure.tight_layout()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"bench-{scenario}.png"
+        figure.savefig(path, dpi=80)
+        plt.close(figure)
+        drawn.append(path)
+    return drawn
+
+
+def report_again(path: Path, reference: int, pictures: str | None) -> None:
+    """Summarize a result file's runs again, print its table, and draw its
+    pictures if `pictures` names a directory."""
     results = json.loads(path.read_text())
     options = argparse.Namespace(**results["options"])
     options.ingest_reference = reference
@@ -436,20 +602,24 @@ def report_again(path: Path, reference: int) -> None:
             entry["fanout"] = summarize(entry["fanout"]["runs"], options.clients)
         if "ingest" in entry:
             entry["ingest"] = summarize_ingest(entry["ingest"]["runs"], reference)
+        if "rooms" in entry:
+            entry["rooms"] = summarize_rooms(entry["rooms"]["runs"], options.rooms_reference)
     results["options"]["ingest_reference"] = reference
     results["table"] = table(results, options)
     path.write_text(json.dumps(results, indent=1))
     print(results["table"])
+    for drawn in draw(results, Path(pictures)) if pictures else []:
+        print(f"drew {drawn}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--servers", default="chatserver,tutorial,naive,node",
-                        help="any of chatserver, tutorial, naive, node, redis, "
+                        help="any of chatserver, tutorial, naive, node, floor, uvloop, redis, "
                         "redis-workers2, store")
     parser.add_argument("--scenarios", default="fanout,idle,storm",
-                        help="any of fanout, idle, storm, ingest")
+                        help="any of fanout, idle, storm, ingest, rooms")
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--step", type=float, default=2.0, help="seconds per ladder step")
@@ -459,7 +629,19 @@ def main() -> None:
                         help="clients do not offer permessage-deflate")
     parser.add_argument("--ladder", help="messages/s per step, comma-separated "
                         "(default 20,50,...,12800)")
-    parser.add_argument("--rooms", type=int, default=1000, help="rooms in the ingest")
+    parser.add_argument("--rooms", type=int, default=1000,
+                        help="rooms in the ingest and the rooms scenario")
+    parser.add_argument("--room-size", type=int, default=10,
+                        help="clients per room in the rooms scenario")
+    parser.add_argument("--room-senders", type=int, default=2,
+                        help="senders per room in the rooms scenario")
+    parser.add_argument("--rooms-ladder", help="lines/s per step of the rooms scenario, "
+                        "comma-separated (default 500,1000,2000,3000,...,30000)")
+    parser.add_argument("--rooms-reference", type=int, default=20000,
+                        help="deliveries/s at which the rooms scenario's CPU and latency "
+                        "are read")
+    parser.add_argument("--pictures", help="where the pictures go (default docs/, none "
+                        "with --quick; '' for none)")
     parser.add_argument("--ingest-clients", type=int, default=2000,
                         help="senders in the ingest, spread over --rooms")
     parser.add_argument("--ingest-ladder", help="acknowledged lines/s per ingest step, "
@@ -476,7 +658,7 @@ def main() -> None:
                         "--ingest-reference) and print its table")
     options = parser.parse_args()
     if options.report:
-        report_again(Path(options.report), options.ingest_reference)
+        report_again(Path(options.report), options.ingest_reference, options.pictures)
         return
     ladder = [20, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
     idle_sizes = [1000, 10000]
@@ -491,6 +673,12 @@ def main() -> None:
         ingest_ladder, options.ingest_reference = [500, 2000, 8000], 2000
     options.ingest_ladder = ([int(r) for r in options.ingest_ladder.split(",")]
                              if options.ingest_ladder else ingest_ladder)
+    rooms_ladder = [500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12500, 15000,
+                    20000, 25000, 30000]
+    if options.quick:
+        rooms_ladder = [100, 500, 2000]
+    options.rooms_ladder = ([int(r) for r in options.rooms_ladder.split(",")]
+                            if options.rooms_ladder else rooms_ladder)
     if options.store_dir:
         STORE_PARENT.append(options.store_dir)
     build()
@@ -504,9 +692,19 @@ def main() -> None:
                "store_dir_fs": (fs_type(store_parent())
                                 if "store" in options.servers.split(",") else None),
                "servers": {}}
+    scenarios = options.scenarios.split(",")
+    room_runs: dict[str, list[list[dict]]] = {}
+    if "rooms" in scenarios:
+        # The servers take turns, run by run: a neighbour's burst of work on
+        # this shared machine then spoils one run of several servers, not
+        # every run of one.
+        room_runs = {n: [] for n in options.servers.split(",") if n in ROOM_SERVERS}
+        for _ in range(options.repeat):
+            for name, runs in room_runs.items():
+                runs.append(rooms(name, options))
+                print(f"{name}: rooms run {len(runs)} done", flush=True)
     for name in options.servers.split(","):
         entry = results["servers"][name] = {}
-        scenarios = options.scenarios.split(",")
         if "fanout" in scenarios:
             runs = [fanout(name, options) for _ in range(options.repeat)]
             entry["fanout"] = summarize(runs, options.clients)
@@ -522,6 +720,10 @@ def main() -> None:
         if "storm" in scenarios and name == "chatserver":
             entry["storm"] = storm(name, options.storm, options)
             print(f"{name}: storm {entry['storm']}", flush=True)
+        if name in room_runs:
+            entry["rooms"] = summarize_rooms(room_runs[name], options.rooms_reference)
+            print(f"{name}: rooms {entry['rooms']['max_deliveries_per_s']:,.0f} deliveries/s",
+                  flush=True)
         if "ingest" in scenarios and name in CHATSERVERS:
             runs = [ingest(name, options) for _ in range(options.repeat)]
             entry["ingest"] = summarize_ingest(runs, options.ingest_reference)
@@ -535,6 +737,11 @@ def main() -> None:
     Path(options.output).write_text(json.dumps(results, indent=1))
     print()
     print(report)
+    if options.pictures is None and not options.quick:
+        options.pictures = str(ROOT / "docs")
+    if options.pictures:
+        for path in draw(results, Path(options.pictures)):
+            print(f"drew {path}")
 
 
 if __name__ == "__main__":

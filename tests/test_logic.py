@@ -638,3 +638,21 @@ def test_a_session_keeps_only_its_newest_keys():
     session = chat.sessions[member.session]
     assert len(session.keys) == KEYS_PER_SESSION and len(chat.keys) == KEYS_PER_SESSION
     assert member.key in session.keys and key not in chat.keys
+
+
+def test_control_characters_are_unicode_cc_but_newline_and_tab():
+    import unicodedata
+    from chatserver import text_problem
+    refused = [chr(c) for c in range(0x110000) if text_problem(f"a{chr(c)}b", 10)]
+    assert refused == [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc"
+                       and chr(c) not in "\n\t"]
+
+
+def test_frames_are_encoded_as_compact_json_with_text_as_it_is():
+    from chatserver import encode
+    frame = {"type": "user", "id": "é\u2028\"\\\x01</script>", "message": "😀 x",
+             "seq": 1, "ts": 2.5, "action": True, "none": None, "list": [1, {"a": "b"}]}
+    assert encode(frame) == json.dumps(frame, ensure_ascii=False,
+                                       separators=(",", ":")).encode()
+    with pytest.raises(UnicodeEncodeError):  # as json.dumps(...).encode() would
+        encode({"message": "\ud800"})

@@ -527,3 +527,82 @@ async def test_a_nick_notice_never_overtakes_the_senders_earlier_lines(chat):
     alice.writer.write(Raw.frame(1, b"first") + Raw.frame(1, b"/nick alicia"))  # read at once
     frames = await bob.recv_until(lambda f: f.get("event") == "nick")
     assert [(f["id"], f["message"]) for f in frames if f["type"] == "user"] == [("alice", "first")]
+
+
+class StubTransport(asyncio.Transport):
+    """A transport that takes every write and sends nothing."""
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def write(self, data):
+        pass
+
+    def is_closing(self):
+        return False
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def close(self):
+        pass
+
+    def abort(self):
+        pass
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    mask = bytes(random.randrange(256) for _ in range(4))
+    n = len(payload)
+    size = (bytes([n]) if n < 126 else bytes([126]) + n.to_bytes(2, "big") if n < 65536
+            else bytes([127]) + n.to_bytes(8, "big"))
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([fin << 7 | opcode, 0x80 | size[0]]) + size[1:] + mask + masked
+
+
+async def test_lines_cut_anywhere_between_reads_arrive_once_and_in_order():
+    # Whole text frames are read by chatserver itself, anything else by
+    # websockets' parser: a stream cut at random places, with pings and
+    # fragmented messages among the lines, must give every line once.
+    import chatserver
+    random.seed(15)
+    server = chatserver.ChatServer(chatserver.parse_args(
+        ["--rate", "1000000", "--burst", "1000000", "--log-level", "WARNING"]))
+    got = []
+    server.on_line = lambda client, line: got.append(line)
+    for trial in range(60):
+        client = chatserver.Client(server)
+        client.connection_made(StubTransport())
+        client.data_received(b"GET /cut HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        lines, stream = [], b""
+        for i in range(random.randrange(1, 30)):
+            kind = random.random()
+            if kind < 0.1:
+                stream += client_frame(9, b"ping")
+            elif kind < 0.2:
+                text = f"fragmented {i}".encode()
+                stream += client_frame(1, text[:4], fin=False) + client_frame(0, text[4:])
+                lines.append(text.decode())
+            else:
+                text = f"{i} " + "x" * random.choice([1, 120, 125, 126, 2000, 60000])
+                stream += client_frame(1, text.encode())
+                lines.append(text)
+        got.clear()
+        pos = 0
+        while pos < len(stream):
+            size = random.choice([1, 2, 3, 7, 64, 1000, 70000, len(stream)])
+            client.data_received(stream[pos:pos + size])
+            pos += size
+        assert got == lines, trial
+        client.connection_lost(None)
