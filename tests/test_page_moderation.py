@@ -99,6 +99,15 @@ def test_verified_names_carry_a_badge_that_a_guest_cannot_fake(open_page, site, 
         expect(impostor.locator(".verified")).to_have_count(0)
         expect(person(faker, "carol")).to_have_count(1)
         expect(person(faker, "carol").locator(".verified")).to_have_count(0)
+        # In the history a newcomer gets, no join or leave sits between the
+        # two lines: the guest's must still not read as the verified block's.
+        newcomer = open_page(page_url(site, server=server.url, room=room, name="late"))
+        newcomer.wait_online()
+        expect(row_of(newcomer, "from the real carol").locator(".verified")).to_have_count(1)
+        impostor = row_of(newcomer, "from a guest carol")
+        expect(impostor).not_to_have_class(re.compile(r"\bcontinued\b"))
+        expect(impostor.locator(".msg-head")).to_be_visible()
+        expect(impostor.locator(".verified")).to_have_count(0)
 
 
 # The topic ------------------------------------------------------------------
