@@ -31,6 +31,7 @@
   const TAB_KEY = 'chatserver.tab';  // sessionStorage: this tab's session and unsent lines
   const TOKEN_KEY = 'chatserver.token';  // sessionStorage: this tab's sign-in token, per server
   const TIMER_MAX_MS = 2 ** 31 - 1;  // setTimeout's longest wait
+  const SIGN_IN_HINT_AFTER = 3;   // failed tries before a token holder is told it may have expired
   const OWN_SEQS_KEPT = 1000;     // seqs of our own lines kept across a reload
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
@@ -1509,9 +1510,14 @@
     link.attempts += 1;
     link.retryTimer = setTimeout(connect, delay);
     const seconds = Math.ceil(delay / 1000);
+    // A server refuses an expired token with an HTTP 401 that the page
+    // cannot see apart from a server that is down: after a few tries, say
+    // what may be wrong, and what to do.
+    const signIn = chat.token && link.attempts >= SIGN_IN_HINT_AFTER
+      ? '. If your sign-in has expired, open the chat again from the site that sent you here' : '';
     setState('offline', link.everOnline
-      ? `${link.why ? `${link.why}. ` : ''}Reconnecting in ${seconds} s`
-      : `Cannot reach ${link.url || settings.server}; trying again in ${seconds} s`);
+      ? `${link.why ? `${link.why}. ` : ''}Reconnecting in ${seconds} s${signIn}`
+      : `Cannot reach ${link.url || settings.server}; trying again in ${seconds} s${signIn}`);
   }
 
   function retryNow() {

@@ -312,3 +312,14 @@ def test_a_token_in_the_url_reaches_the_socket_and_stays_in_the_tab_only(
     other.wait_online()
     assert "token=" not in other.sockets[0]
     expect(other.me).not_to_have_text("dana")
+
+
+def test_a_page_whose_token_has_expired_says_what_may_be_wrong(open_page, site, server):
+    """The server refuses it with a 401 the page cannot read: after a few
+    tries the page says the sign-in may have expired, and goes on with its
+    usual backoff (no faster)."""
+    page = open_page(page_url(site, server=server.url, room="late", token=token("old", ttl=-60)))
+    expect(page.page.locator("#status-detail")).to_contain_text(
+        "If your sign-in has expired, open the chat again from the site", timeout=8000)
+    assert len(page.sockets) <= 5
+    expect(page.status).to_have_attribute("data-state", "offline")
