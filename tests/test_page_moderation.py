@@ -21,9 +21,12 @@ import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import test_page
 from test_browser import WAIT_MS, ChatServerProcess, page_url, sync_playwright
-from test_page import (  # noqa: F401 (the browser, site and open_page fixtures)
-    FakeServer, browser, now_ms, open_page, recv_until, site, welcome, ws_client)
+from test_page import FakeServer, now_ms, recv_until, welcome, ws_client
+
+# The same browser, static site and page fixtures as the page's other stories.
+browser, site, open_page = test_page.browser, test_page.site, test_page.open_page
 
 if sync_playwright is not None:  # else the browser fixture skips, or fails under CI
     from playwright.sync_api import expect
@@ -146,7 +149,7 @@ def test_a_moderator_deletes_kicks_and_bans_from_the_page_by_keyboard(open_page,
     mod = open_page(page_url(site, server=server.url, room=room, token=token("boss", mod=[room])))
     mod.wait_online()
     with ws_client(server.url, room, name="troll") as troll, \
-            ws_client(server.url, room, token=token("vic")) as vic, \
+            ws_client(server.url, room, token=token("vic")), \
             ws_client(server.url, room, name="watcher") as watcher:
         troll.send("buy cheap stuff")
         seq = recv_until(troll, lambda f: f.get("type") == "user")["seq"]
@@ -258,6 +261,9 @@ def test_a_ban_notice_about_the_page_says_until_when_and_rejoin_waits_for_it(ope
 
     async def handler(ws, path):
         await ws.send(json.dumps(welcome("pest", online=["pest", "mod"])))
+        if server.count() > 1:  # the rejoin, once the ban is over: it stays
+            await ws.wait_closed()
+            return
         await ws.send(json.dumps({
             "type": "sys", "event": "kick", "room": "lobby", "ts": now_ms(),
             "message": "pest was banned by mod: flooding", "name": "pest", "by": "mod",
