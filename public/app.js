@@ -346,10 +346,12 @@
     return node;
   }
 
-  // A moderator's button on a message or a member of the online list.
+  // A moderator's button on a message or a member of the online list: small
+  // ("⋯"), named in full for screen readers.
   function modButton(label) {
-    const button = el('button', 'mod-button', 'Moderate');
+    const button = el('button', 'mod-button', '⋯');
     button.type = 'button';
+    button.title = label;
     button.setAttribute('aria-label', label);
     button.setAttribute('aria-haspopup', 'dialog');
     return button;
@@ -425,14 +427,16 @@
     if (frame.verified === true) head.append(verifiedBadge());
     if (own) head.append(el('span', 'you', 'you'));
     head.append(timeElement(frame.ts));
-    if (chat.mod && Number.isInteger(frame.seq)) head.append(messageModButton(frame));
     const text = el('div', 'text');
     text.dir = 'auto';
     text.append(richText(frame.message));
     row.append(head, text);
+    if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
 
+  // Beside the bubble, not in its head: a line that continues its sender's
+  // block has its head hidden, and the button must still be seen when reached.
   function messageModButton(frame) {
     return modButton(`Moderate the message from ${frame.id}`);
   }
@@ -1082,9 +1086,7 @@
     for (const button of ui.messages.querySelectorAll('button.mod-button')) button.remove();
     if (!mod) return;
     for (const row of ui.messages.querySelectorAll(':scope > li.msg[data-seq]')) {
-      const button = messageModButton({ id: row.dataset.sender });
-      if (row.classList.contains('action')) row.append(button);
-      else row.querySelector('.msg-head').append(button);
+      row.append(messageModButton({ id: row.dataset.sender }));
     }
   }
 

@@ -57,6 +57,15 @@ def person(page, name: str):
     return page.page.locator(f'#online li[data-name="{name}"]')
 
 
+def shown(locator) -> bool:
+    """Whether an element is there to see: opaque, and on top at its centre."""
+    return locator.evaluate("""(node) => {
+        const box = node.getBoundingClientRect();
+        const top = document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2);
+        return getComputedStyle(node).opacity === '1' && node.contains(top);
+    }""")
+
+
 def wait_quietly(page, seconds: float) -> None:
     page.page.wait_for_timeout(seconds * 1000)
 
@@ -153,9 +162,14 @@ def test_a_moderator_deletes_kicks_and_bans_from_the_page_by_keyboard(open_page,
             ws_client(server.url, room, name="watcher") as watcher:
         troll.send("buy cheap stuff")
         seq = recv_until(troll, lambda f: f.get("type") == "user")["seq"]
+        troll.send("and more")  # under the same head: its own button, seen when reached
         spam = row_of(mod, "buy cheap stuff")
         expect(spam).to_have_count(1)
         expect(person(mod, "vic")).to_have_count(1)
+        more = row_of(mod, "and more")
+        expect(more).to_have_class(re.compile(r"\bcontinued\b"))
+        more.locator(".mod-button").focus()
+        assert shown(more.locator(".mod-button"))
 
         # Delete, from the message.
         open_moderation(mod, spam.locator(".mod-button"))
