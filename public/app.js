@@ -29,6 +29,9 @@
   const PRESENCE_SAY_MS = 2000;   // joins and leaves are read out together, this often at most
   const CID_BYTES = 12;           // random bytes in a line's id (cid), besides the time
   const TAB_KEY = 'chatserver.tab';  // sessionStorage: this tab's session and unsent lines
+  const TOKEN_KEY = 'chatserver.token';  // sessionStorage: this tab's sign-in token, per server
+  const TIMER_MAX_MS = 2 ** 31 - 1;  // setTimeout's longest wait
+  const SIGN_IN_HINT_AFTER = 3;   // failed tries before a token holder is told it may have expired
   const OWN_SEQS_KEPT = 1000;     // seqs of our own lines kept across a reload
   const MAX_ROWS = 1000;          // older rows leave the page
   const GROUP_WINDOW_MS = 5 * 60 * 1000;  // one sender's lines within this read as one block
@@ -85,12 +88,15 @@
   }
 
   // The name: this tab's, if it was reloaded; else ?name=; else the last
-  // one used in this browser.
+  // one used in this browser. A sign-in token (?token=, from the site that
+  // links to or embeds the page) is taken out of the address bar at once:
+  // see takeToken.
   function resolveSettings() {
     const query = new URLSearchParams(location.search);
     const { server, asked } = resolveServer();
     return {
       server, asked, room: query.get('room') || DEFAULT_ROOM, queryName: query.get('name'),
+      token: query.get('token'),
     };
   }
 
@@ -125,6 +131,28 @@
       try { sessionStorage.setItem(this.id, JSON.stringify(state)); } catch { /* not kept */ }
     },
   };
+
+  // This tab's sign-in token: in memory, and in sessionStorage (this tab
+  // only, gone with it) under the server it is for, so that a reload keeps
+  // it and a link to another server never gets it. Never in localStorage.
+  const tabToken = {
+    key(server) { return `${TOKEN_KEY} ${server}`; },
+    get(server) { try { return sessionStorage.getItem(this.key(server)); } catch { return null; } },
+    set(server, token) {
+      try { sessionStorage.setItem(this.key(server), token); } catch { /* kept in memory only */ }
+    },
+  };
+
+  // A ?token= leaves the address bar before anything else happens, so that
+  // a link copied from it, a bookmark or the history does not carry it.
+  function takeToken() {
+    if (settings.token === null) return;
+    try {
+      const url = new URL(location.href);
+      url.searchParams.delete('token');
+      history.replaceState(history.state, '', url.href);
+    } catch { /* from file:// some browsers refuse: it is still not stored */ }
+  }
 
   // The socket URL for a room: ws://HOST:PORT/ROOM?name=&since=&epoch=.
   // Throws on a server address that is not a ws:, wss:, http: or https: URL.
@@ -163,6 +191,10 @@
     serverPrompt: $('server-prompt'), serverAsked: $('server-asked'), serverOwn: $('server-own'),
     serverGo: $('server-go'), serverGoHost: $('server-go-host'),
     serverStay: $('server-stay'), serverStayHost: $('server-stay-host'),
+    topic: $('topic'), modDialog: $('mod-dialog'), modName: $('mod-name'), modQuote: $('mod-quote'),
+    modMember: $('mod-member'), modReason: $('mod-reason'), modDuration: $('mod-duration'),
+    modDelete: $('mod-delete'), modKick: $('mod-kick'), modBan: $('mod-ban'),
+    modCancel: $('mod-cancel'),
   };
   const HINT = ui.hint.textContent;
 
@@ -188,6 +220,9 @@
     mentions: 0,           // ...and how many of them name us
     markNext: false,       // the next line that comes while hidden gets the unread marker
     senders: new Set(),    // names seen speaking: for Tab completion
+    verified: new Set(),   // names online that a sign-in token vouches for (the frames say)
+    mod: false,            // we moderate this room (the welcome says)
+    token: null,           // our sign-in token, if the site gave us one (never shown)
   };
   const link = {
     socket: null, attempts: 0, retryTimer: 0, welcomeTimer: 0, stableTimer: 0,
@@ -197,6 +232,8 @@
     awaiting: new Set(),   // cids sent on this socket and not yet answered...
     ackTimer: 0,           // ...and the timer that finds the socket dead
     deadLinks: 0,          // ack timeouts in a row, with no answer between
+    removed: false,        // a moderator removed us: come back only when asked to
+    removal: null,         // the kick notice about us, if the server sent us one
   };
 
   // The outbox: lines typed and not yet acknowledged, in the order typed,
@@ -297,6 +334,29 @@
     return node;
   }
 
+  // The mark of a name a sign-in token vouches for. An element, never a
+  // character of the name: a guest called "alice✓" types a glyph in its
+  // own name's colour, this is a filled badge drawn by style.css, with a
+  // label for screen readers. Shown only where the server's frames say so.
+  function verifiedBadge() {
+    const node = el('span', 'verified');
+    node.setAttribute('role', 'img');
+    node.setAttribute('aria-label', 'verified');
+    node.title = 'Verified: the site vouches for this name';
+    return node;
+  }
+
+  // A moderator's button on a message or a member of the online list: small
+  // ("⋯"), named in full for screen readers.
+  function modButton(label) {
+    const button = el('button', 'mod-button', '⋯');
+    button.type = 'button';
+    button.title = label;
+    button.setAttribute('aria-label', label);
+    button.setAttribute('aria-haspopup', 'dialog');
+    return button;
+  }
+
   function hue(name) {
     let hash = 0;
     for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
@@ -354,6 +414,7 @@
 
   function stamp(row, frame) {
     row.dataset.sender = frame.id;
+    if (frame.verified === true) row.dataset.verified = '1';
     if (Number.isInteger(frame.seq)) row.dataset.seq = frame.seq;
     row.dataset.day = dayKey(Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date());
   }
@@ -363,13 +424,21 @@
     stamp(row, frame);
     const head = el('div', 'msg-head');
     head.append(nameElement(frame.id));
+    if (frame.verified === true) head.append(verifiedBadge());
     if (own) head.append(el('span', 'you', 'you'));
     head.append(timeElement(frame.ts));
     const text = el('div', 'text');
     text.dir = 'auto';
     text.append(richText(frame.message));
     row.append(head, text);
+    if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
+  }
+
+  // Beside the bubble, not in its head: a line that continues its sender's
+  // block has its head hidden, and the button must still be seen when reached.
+  function messageModButton(frame) {
+    return modButton(`Moderate the message from ${frame.id}`);
   }
 
   function actionRow(frame, own) {
@@ -379,8 +448,11 @@
     const body = el('span', 'action-text');
     body.dir = 'auto';
     body.append(richText(frame.message));
-    text.append(el('span', 'action-mark', '✱ '), nameElement(frame.id), ' ', body);
+    text.append(el('span', 'action-mark', '✱ '), nameElement(frame.id));
+    if (frame.verified === true) text.append(verifiedBadge());
+    text.append(' ', body);
     row.append(text, timeElement(frame.ts));
+    if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
 
@@ -555,7 +627,10 @@
     if (!previous.classList.contains('msg') || previous.classList.contains('action')) return false;
     const gap = Date.parse(row.querySelector('time').dateTime)
       - Date.parse(previous.querySelector('time').dateTime);
-    return previous.dataset.sender === row.dataset.sender && gap >= 0 && gap < GROUP_WINDOW_MS;
+    // Same name and same standing: a guest who took a verified member's name
+    // after it left must not pass as the rest of its block (no head, no badge).
+    return previous.dataset.sender === row.dataset.sender
+      && previous.dataset.verified === row.dataset.verified && gap >= 0 && gap < GROUP_WINDOW_MS;
   }
 
   function say(text) {  // for screen readers, through the live region
@@ -600,8 +675,11 @@
 
   function personItem(name) {
     const item = el('li', name === chat.name ? 'person own' : 'person');
+    item.dataset.name = name;
     item.append(el('span', 'presence', ''), nameElement(name));
+    if (chat.verified.has(name)) item.append(verifiedBadge());
     if (name === chat.name) item.append(el('span', 'you', 'you'));
+    else if (chat.mod) item.append(modButton(`Moderate ${name}`));
     return item;
   }
 
@@ -623,7 +701,12 @@
   }
 
   function arrive(name) {
-    if (chat.online.has(name)) return;
+    if (chat.online.has(name)) {  // known: its badge may have changed
+      const item = personItem(name);
+      people.items.get(name).replaceWith(item);
+      people.items.set(name, item);
+      return;
+    }
     chat.online.add(name);
     let low = 0;
     let high = people.sorted.length;
@@ -676,24 +759,34 @@
   const isNames = (value) => Array.isArray(value) && value.every(isText);
   const isSeqOrNull = (value) => value === null || isSeq(value);
   const isFlag = (value) => typeof value === 'boolean';
+  const isTsOrNull = (value) => value === null || isTs(value);
 
   // Per kind of frame: field -> [check, required]. Fields not named may be
   // anything (a newer server may add some); named ones must pass.
   const FIELDS = {
-    user: { id: [isText, true], seq: [isSeq, false], action: [isFlag, false] },
+    user: {
+      id: [isText, true], seq: [isSeq, false], action: [isFlag, false], verified: [isFlag, false],
+    },
     welcome: {
       name: [isText, true], online: [isNames, false], seq: [isCount, false],
       epoch: [isText, false], key: [isText, false],
       max_chars: [isSeq, false], max_size: [isSeq, false],
+      verified: [isNames, false], topic: [isText, false], mod: [isFlag, false],
     },
-    join: { name: [isText, true], count: [isCount, false] },
-    leave: { name: [isText, true], count: [isCount, false] },
-    nick: { old: [isText, true], name: [isText, true] },
+    join: { name: [isText, true], count: [isCount, false], verified: [isFlag, false] },
+    leave: { name: [isText, true], count: [isCount, false], verified: [isFlag, false] },
+    nick: { old: [isText, true], name: [isText, true], verified: [isFlag, false] },
     presence: {
       joined: [isNames, false], left: [isNames, false], count: [isCount, false],
-      more_joined: [isCount, false], more_left: [isCount, false],
+      more_joined: [isCount, false], more_left: [isCount, false], verified: [isNames, false],
     },
-    who: { online: [isNames, false], count: [isCount, false] },
+    who: { online: [isNames, false], count: [isCount, false], verified: [isNames, false] },
+    kick: {
+      name: [isText, true], by: [isText, false], reason: [isText, false],
+      ban: [isFlag, false], until: [isTsOrNull, false],
+    },
+    topic: { topic: [isText, true], by: [isText, false] },
+    delete: { seq: [isSeq, true], by: [isText, false] },
     ack: { cid: [isText, true], seq: [isSeqOrNull, false] },
     error: { cid: [isText, false] },
     gap: { missed: [isCount, false] },
@@ -819,12 +912,14 @@
         onWelcome(frame);
         return;
       case 'join':
+        vouch(frame.name, frame.verified === true);
         arrive(frame.name);
         cancelReclaim(frame.name);
         checkCount(frame.count);
         presenceNotice(frame.message, 'join', frame.ts, [frame.name], []);
         return;
       case 'leave':
+        chat.verified.delete(frame.name);
         depart(frame.name);
         checkCount(frame.count);
         presenceNotice(frame.message, 'leave', frame.ts, [], [frame.name]);
@@ -833,7 +928,10 @@
       case 'presence': {  // a crowded room's joins and leaves, gathered
         const joined = frame.joined || [];
         const left = frame.left || [];
+        const vouched = new Set(frame.verified || []);
+        for (const name of left) chat.verified.delete(name);
         for (const name of joined) {
+          vouch(name, vouched.has(name));
           arrive(name);
           cancelReclaim(name);
         }
@@ -846,6 +944,8 @@
         return;
       }
       case 'nick':
+        chat.verified.delete(frame.old);
+        vouch(frame.name, frame.verified === true);
         depart(frame.old);
         arrive(frame.name);
         cancelReclaim(frame.name);
@@ -857,6 +957,7 @@
         notice(frame.message, 'nick', frame.ts);
         return;
       case 'who':
+        if (frame.verified) chat.verified = new Set(frame.verified);
         if (frame.online) setOnline(frame.online);
         if (chat.quietWho > 0) {
           chat.quietWho -= 1;
@@ -875,9 +976,53 @@
       case 'gap':
         notice(frame.message, 'gap', frame.ts);
         return;
+      case 'kick':
+        onKick(frame);
+        return;
+      case 'topic':
+        showTopic(frame.topic);
+        notice(frame.message, 'topic', frame.ts);
+        return;
+      case 'delete': {  // a moderator took a message out: it goes from the view too
+        const row = rowOf(frame.seq);
+        if (row) {
+          earlyRows.delete(row);
+          unshow(row);
+        }
+        notice(frame.message, 'delete', frame.ts);
+        return;
+      }
       default:  // help, shutdown, and whatever a newer server says
         notice(frame.message, 'info', frame.ts);
     }
+  }
+
+  function vouch(name, verified) {
+    if (verified) chat.verified.add(name);
+    else chat.verified.delete(name);
+  }
+
+  // Someone was removed by a moderator: gone from the list (there is no
+  // leave notice). If it is us, the server closes our socket with 4001
+  // next: what the notice says (a ban, until when) is told then.
+  function onKick(frame) {
+    if (frame.name === chat.name) {
+      link.removal = frame;
+      return;
+    }
+    chat.verified.delete(frame.name);
+    if (chat.online.has(frame.name)) {
+      depart(frame.name);
+      chat.count = Math.max(0, chat.count - 1);
+    }
+    countOnline();
+    notice(frame.message, 'kick', frame.ts);
+  }
+
+  function showTopic(topic) {
+    ui.topic.textContent = topic;
+    ui.topic.title = topic;
+    ui.topic.hidden = !topic;
   }
 
   function onWelcome(frame) {
@@ -914,7 +1059,13 @@
     const name = frame.name;
     const chosen = chat.preferred || chat.wanted;  // alice, when we came back as alice-2
     becomeNamed(name, chosen && (name === chosen || name.startsWith(`${chosen}-`)) ? chosen : null);
+    chat.verified = new Set(frame.verified || []);
+    setModerator(frame.mod === true);
+    showTopic(frame.topic || '');
     setOnline(frame.online || [chat.name]);
+    link.removed = false;
+    link.removal = null;
+    for (const button of ui.messages.querySelectorAll('button.rejoin')) button.remove();
     link.everOnline = true;
     link.welcomed = true;
     setState('online');
@@ -924,6 +1075,19 @@
     visited(settings.room);
     resend();
     keep();
+  }
+
+  // Moderators get a button on each message and member (see openModeration);
+  // rows shown before the welcome said so get theirs now.
+  function setModerator(mod) {
+    if (mod === chat.mod) return;
+    chat.mod = mod;
+    document.body.classList.toggle('moderator', mod);
+    for (const button of ui.messages.querySelectorAll('button.mod-button')) button.remove();
+    if (!mod) return;
+    for (const row of ui.messages.querySelectorAll(':scope > li.msg[data-seq]')) {
+      row.append(messageModButton({ id: row.dataset.sender }));
+    }
   }
 
   // `remember`: a name the user chose, kept for the next visit.
@@ -1053,12 +1217,16 @@
     }
     chat.ownSeqs.add(frame.seq);
     keep();
-    const message = { ...draft(entry.text), id: chat.name, seq: frame.seq, ts: frame.ts };
+    const message = {
+      ...draft(entry.text), id: chat.name, seq: frame.seq, ts: frame.ts,
+      verified: chat.verified.has(chat.name),  // as the welcome said of us
+    };
     const echo = rowOf(frame.seq);
     if (echo) {
       unshow(entry.row);
       if (!echo.classList.contains('own')) {
         const row = messageRow({ ...message, id: echo.dataset.sender,
+          verified: echo.dataset.verified === '1',
           ts: Date.parse(echo.querySelector('time').dateTime) }, true);
         echo.replaceWith(row);
         group(row);
@@ -1173,8 +1341,9 @@
       // The key takes our name back from our old connection, if the server
       // has not yet noticed that it died (otherwise we would be alice-2).
       // acks=1: each line goes as {cid, line} and is answered (see sendLine).
+      // The sign-in token goes in the socket URL only, never in what is shown.
       socket = new WebSocket(socketUrl(settings.server, settings.room,
-        { ...params, key: chat.key, acks: '1' }));
+        { ...params, key: chat.key, acks: '1', token: chat.token }));
     } catch (problem) {
       fatal(`Cannot connect: ${problem.message}`);
       return;
@@ -1211,6 +1380,10 @@
     link.socket = null;
     clearTimeout(chat.whoTimer);
     chat.whoTimer = 0;
+    if (code === CLOSE_KICKED || link.removed) {
+      removed(code === CLOSE_KICKED ? reason : null);
+      return;
+    }
     const why = closeWords(code, reason);
     if (CLOSES[code] && !CLOSES[code].retry) {  // coming back would not help
       fatal(code === CLOSE_REPLACED
@@ -1228,6 +1401,78 @@
     if (why) notice(`${why}. Reconnecting…`, 'error');
     else if (wasOnline) notice('Disconnected from the server. Reconnecting…', 'error');
     retry();
+  }
+
+  // A moderator removed us (close 4001, reason "removed by MOD: REASON"), or
+  // a rejoin after that failed (`reason` null): a ban's refusal is an HTTP
+  // 403 that a browser does not show a page. Say so plainly, with who, why
+  // and, when the server's kick notice told us, until when; never come back
+  // by ourselves (a ban would make that a loop of refusals): a Rejoin button
+  // does, once the ban is over if we know when.
+  const REMOVED_BY = /^removed by (\S+?)(?:: ([^]*))?$/;
+
+  function removed(reason) {
+    clearTimeout(link.retryTimer);
+    link.retryTimer = 0;
+    const rejoining = link.removed;
+    link.removed = true;
+    const room = `#${settings.room}`;
+    const kick = link.removal;
+    const said = reason === null ? null : REMOVED_BY.exec(reason);
+    const by = kick && kick.by ? kick.by : said && said[1];
+    const why = kick ? kick.reason : said && said[2];
+    const banned = !!(kick && kick.ban);
+    const until = banned && Number.isFinite(kick.until) ? kick.until : null;
+    let message;
+    if (rejoining) {
+      message = banned && until !== null && until > Date.now()
+        ? `Could not rejoin ${room}: you are banned until ${FORMAT.full.format(new Date(until))}.`
+        : `Could not rejoin ${room}: the server refused. You may still be banned, or the server may be down.`;
+    } else if (!by) {  // a server that says it otherwise
+      message = `${closeWords(CLOSE_KICKED, reason || '')}. Reload the page to come back.`;
+    } else {
+      const verb = banned ? 'banned from' : 'removed from';
+      const time = !banned ? ''
+        : until === null ? ' for good' : ` until ${FORMAT.full.format(new Date(until))}`;
+      message = `You were ${verb} ${room} by ${by}${time}${why ? `: ${why}` : ''}.`;
+      if (!kick) message += ' If it was a ban, you cannot rejoin until it is over.';
+    }
+    setState('offline', banned ? 'Banned from this room' : 'Removed from this room');
+    const row = noticeRow(message, 'removed');
+    row.classList.add('notice-error');
+    row.append(rejoinButton(banned, until));
+    show(row, { announce: message });
+  }
+
+  // Rejoin: at once, or, for a ban that ends at a known time, from then on.
+  // A ban for good (or of unknown length) may still be in force: the button
+  // says so and tries once.
+  function rejoinButton(banned, until) {
+    const button = el('button', 'link-button rejoin', 'Rejoin');
+    button.type = 'button';
+    button.addEventListener('click', () => {
+      button.remove();
+      link.attempts = 0;
+      connect();
+    });
+    const wait = until === null ? 0 : until - Date.now();
+    if (banned && until === null) {
+      button.textContent = 'Try to rejoin (the ban may still be in force)';
+    } else if (wait > 0) {
+      button.disabled = true;
+      button.textContent = `Rejoin (possible from ${FORMAT.time.format(new Date(until))})`;
+      const open = () => {
+        const left = until - Date.now();
+        if (left > 0) {
+          setTimeout(open, Math.min(left, TIMER_MAX_MS));
+          return;
+        }
+        button.disabled = false;
+        button.textContent = 'Rejoin';
+      };
+      setTimeout(open, Math.min(wait, TIMER_MAX_MS));
+    }
+    return button;
   }
 
   // A socket that looks open but answers nothing is dead (the laptop slept,
@@ -1267,9 +1512,14 @@
     link.attempts += 1;
     link.retryTimer = setTimeout(connect, delay);
     const seconds = Math.ceil(delay / 1000);
+    // A server refuses an expired token with an HTTP 401 that the page
+    // cannot see apart from a server that is down: after a few tries, say
+    // what may be wrong, and what to do.
+    const signIn = chat.token && link.attempts >= SIGN_IN_HINT_AFTER
+      ? '. If your sign-in has expired, open the chat again from the site that sent you here' : '';
     setState('offline', link.everOnline
-      ? `${link.why ? `${link.why}. ` : ''}Reconnecting in ${seconds} s`
-      : `Cannot reach ${link.url || settings.server}; trying again in ${seconds} s`);
+      ? `${link.why ? `${link.why}. ` : ''}Reconnecting in ${seconds} s${signIn}`
+      : `Cannot reach ${link.url || settings.server}; trying again in ${seconds} s${signIn}`);
   }
 
   function retryNow() {
@@ -1443,11 +1693,74 @@
   ui.messages.addEventListener('click', (event) => {
     const sender = event.target.closest('#messages > li.msg .sender');
     if (sender) mention(sender.textContent);
+    const button = event.target.closest('#messages > li.msg button.mod-button');
+    if (button) {
+      const row = button.closest('li');
+      const text = row.querySelector('.action-text') || row.querySelector('.text');
+      openModeration({
+        name: row.dataset.sender, seq: Number(row.dataset.seq), text: text.textContent,
+      }, button);
+    }
+  });
+
+  ui.online.addEventListener('click', (event) => {
+    const button = event.target.closest('button.mod-button');
+    if (button) openModeration({ name: button.closest('li').dataset.name, seq: 0, text: '' }, button);
+  });
+
+  // Moderating: kick, ban (for how long, and why) or delete, from a
+  // message's or a member's button, in a small dialog. What it does goes
+  // out as the commands a moderator could type (/kick, /ban, /delete),
+  // through the outbox like any line: answered, resent after a drop.
+  const moderation = { target: null, opener: null };
+
+  function openModeration(target, opener) {
+    moderation.target = target;
+    moderation.opener = opener;
+    const member = target.name !== chat.name;  // nobody removes themselves
+    ui.modName.textContent = target.text ? `the message from ${target.name}` : target.name;
+    ui.modQuote.textContent = target.text;
+    ui.modQuote.hidden = !target.text;
+    ui.modDelete.hidden = !target.seq;
+    for (const node of [ui.modMember, ui.modKick, ui.modBan]) node.hidden = !member;
+    ui.modKick.textContent = `Kick ${target.name}`;
+    ui.modBan.textContent = `Ban ${target.name}`;
+    ui.modReason.value = '';
+    ui.modDuration.value = '1d';
+    ui.modDialog.showModal();
+    (member ? ui.modReason : ui.modDelete).focus();
+  }
+
+  function moderate(command) {
+    ui.modDialog.close();
+    queue(command);
+  }
+
+  function modReason() {
+    const reason = ui.modReason.value.replace(/\s+/g, ' ').trim();
+    return reason ? ` ${reason}` : '';
+  }
+
+  ui.modDelete.addEventListener('click', () => moderate(`/delete ${moderation.target.seq}`));
+  ui.modKick.addEventListener('click', () => moderate(`/kick ${moderation.target.name}${modReason()}`));
+  ui.modBan.addEventListener('click', () => moderate(
+    `/ban ${moderation.target.name} ${ui.modDuration.value}${modReason()}`));
+  ui.modCancel.addEventListener('click', () => ui.modDialog.close());
+  $('mod-form').addEventListener('submit', (event) => event.preventDefault());  // Enter: no choice made
+  ui.modDialog.addEventListener('close', () => {
+    const back = moderation.opener;
+    moderation.opener = null;
+    if (back && back.isConnected) back.focus();
+    else ui.input.focus();
   });
 
   // Changing one's name: a small dialog that sends /nick.
 
   ui.me.addEventListener('click', () => {
+    if (chat.name && chat.verified.has(chat.name)) {
+      notice('Your name comes from your sign-in; it cannot be changed here.');
+      return;
+    }
     ui.nickInput.value = chat.name || chat.wanted || '';
     ui.nickError.textContent = '';
     ui.nickDialog.showModal();
@@ -1574,13 +1887,15 @@
       chat.whoTimer, chat.reclaimTimer]) clearTimeout(timer);
     Object.assign(link, {
       retryTimer: 0, ackTimer: 0, attempts: 0, deadLinks: 0, welcomed: false, why: '',
+      removed: false, removal: null,
     });
     link.awaiting.clear();
     Object.assign(chat, {
       key: null, epoch: null, lastSeq: 0, ownSeqs: new Set(), ownEpoch: null, historyUpTo: 0, quietWho: 0,
       whoTimer: 0, reclaimTimer: 0, unread: 0, mentions: 0, markNext: false,
-      senders: new Set(), count: 0,
+      senders: new Set(), count: 0, verified: new Set(),
     });
+    showTopic('');
     chat.wanted = chat.preferred || chat.name || chat.wanted;
     outbox.length = 0;
     earlyRows.clear();
@@ -1675,6 +1990,7 @@
   }
 
   function start() {
+    takeToken();
     ui.roomName.textContent = settings.room;
     ui.input.placeholder = `Message #${settings.room}`;
     applyPrefs();
@@ -1692,7 +2008,12 @@
     begin();
   }
 
+  // The server is settled (the user may have been asked): a token from the
+  // link is for it, kept in this tab; else the one this tab kept for it.
   function begin() {
+    if (settings.token) tabToken.set(settings.server, settings.token);
+    chat.token = settings.token || tabToken.get(settings.server);
+    settings.token = null;
     const kept = keptTab.load(settings.server, settings.room);
     chat.wanted = (typeof kept.name === 'string' && kept.name)
       || settings.queryName || savedName.get() || null;
