@@ -1097,9 +1097,9 @@ class Chat:
     def bans_named(self, room_name: str, name: str) -> list[Ban]:
         return [ban for ban in self.room_bans(room_name) if fold(ban.name) == fold(name)]
 
-    def kick(self, by: Member, kick: Kick) -> tuple[Member | None, Ban | None, str | None]:
+    def kick(self, by: Member, kick: Kick) -> tuple[Member | None, Ban | None, dict | str]:
         """Remove a member from `by`'s room (in this process): (the member,
-        the ban, why not)."""
+        the ban, the kick notice), or (None, None, why not)."""
         room = by.room
         target = room.members.get(fold(kick.name))
         if target is None:
@@ -1110,8 +1110,9 @@ class Chat:
         if ban is not None:
             self.add_ban(room.name, ban)
         self.leave(target, quiet=True)
-        room.announce(kicked(room.name, target.name, by.name, kick.reason, ban))
-        return target, ban, None
+        notice = kicked(room.name, target.name, by.name, kick.reason, ban)
+        room.announce(notice)
+        return target, ban, notice
 
     def set_topic(self, by: Member, text: str) -> None:
         by.room.topic = text
@@ -1430,9 +1431,12 @@ class Rooms:
         """Take a message out of the room's history, with a delete notice."""
         raise NotImplementedError
 
-    def expel(self, member: Member, by: str, reason: str) -> None:
-        """Close the connection of a member a moderator removed."""
+    def expel(self, member: Member, by: str, reason: str, notice: bytes = b"") -> None:
+        """Close the connection of a member a moderator removed, after the
+        room's kick `notice` (which says whether it is a ban, and until when)."""
         if member.connection is not None:
+            if notice:
+                member.connection.write(frame_text(notice))
             words = f"removed by {by}" + (f": {reason}" if reason else "")
             member.connection.close(CLOSE_KICKED, words.encode()[:120].decode(errors="ignore"))
 
@@ -1554,13 +1558,14 @@ class MemoryRooms(Rooms):
         self.chat.remember(member, cid, seq)
 
     async def kick(self, member: Member, kick: Kick) -> str | None:
-        target, ban, problem = self.chat.kick(member, kick)
-        if target is not None:
-            self.expel(target, member.name, kick.reason)
-            self.fanout.publish(member.room)
-            if ban is not None:
-                await self.keep_ban(member.room.name, ban)
-        return problem
+        target, ban, outcome = self.chat.kick(member, kick)
+        if target is None:
+            return outcome
+        self.expel(target, member.name, kick.reason, encode(outcome))
+        self.fanout.publish(member.room)
+        if ban is not None:
+            await self.keep_ban(member.room.name, ban)
+        return None
 
     async def unban(self, member: Member, name: str) -> str | None:
         bans = self.chat.bans_named(member.room.name, name)

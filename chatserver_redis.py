@@ -1041,7 +1041,8 @@ class RedisRooms(Rooms):
             self.room_keys(room.name, "names", "seq", "epoch", "history", "order", "topic")
             + ["chat:bans"],
             [self.channel(room.name), folded, encode(notice),
-             json.dumps({"by": member.name, "reason": kick.reason}), self.room_ttl_ms,
+             json.dumps({"by": member.name, "reason": kick.reason,
+                         "notice": encode(notice).decode()}), self.room_ttl_ms,
              ban, self.bans_channel, room.name])
         return None if held else f"no one named {kick.name} is in {room.name}"
 
@@ -1218,7 +1219,7 @@ class RedisRooms(Rooms):
             room.members[fold(what)] = member
             return
         removal = json.loads(what)
-        self.expel(member, removal["by"], removal["reason"])
+        self.expel(member, removal["by"], removal["reason"], removal["notice"].encode())
         self.forget_if_empty(room)
 
     def follow_bans(self, data: str) -> None:

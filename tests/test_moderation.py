@@ -125,6 +125,7 @@ async def test_moderators_kick_ban_unban_and_others_may_not(chat):
     await mod.send("/kick troll spamming links")
     notice = await verified.expect(event="kick")
     assert (notice["name"], notice["by"], notice["reason"]) == ("troll", "mod", "spamming links")
+    assert (await troll.expect(event="kick")) == notice  # told why, then closed
     with pytest.raises(ConnectionClosed) as closed:
         await troll.expect(event="never")
     assert closed.value.rcvd.code == 4001 and "spamming links" in closed.value.rcvd.reason
@@ -133,6 +134,7 @@ async def test_moderators_kick_ban_unban_and_others_may_not(chat):
     await mod.send("/ban troll 2h flooding")
     notice = await verified.expect(event="kick")
     assert notice["ban"] is True and notice["until"] > time.time() * 1000 + 7100_000
+    assert (await troll.expect(event="kick"))["until"] == notice["until"]
     code, body = await refused(chat, room, name="someone-else")  # a guest: by address
     assert code == 403 and "flooding" in body
     await mod.send("/ban vic 0")
