@@ -45,6 +45,8 @@ TRY_LATER = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
 class Worker:
     process: multiprocessing.Process
     handoff: socket.socket  # the parent's end: sockets go down it
+    # One sender at a time: a full handoff has room for one writer to wait on.
+    sending: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
 
 def owner(head: bytes, workers: int) -> int:
@@ -91,6 +93,7 @@ class Parent:
         self.ready, self.ready_writer = self.context.Pipe(duplex=False)
         self.workers: list[Worker] = []
         self.waiting = 0  # connections whose request line has not come yet
+        self.handing: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
     async def serve(self) -> int | str:
@@ -162,7 +165,9 @@ class Parent:
                 connection.close()  # a flood of connections that say nothing
                 continue
             self.waiting += 1
-            asyncio.ensure_future(self.hand_over(connection))
+            task = asyncio.ensure_future(self.hand_over(connection))
+            self.handing.add(task)  # the loop keeps only a weak reference
+            task.add_done_callback(self.handing.discard)
 
     async def hand_over(self, connection: socket.socket) -> None:
         """Read the request line (within --handshake-timeout), then pass the
@@ -178,14 +183,32 @@ class Parent:
                     head += chunk
             worker = self.workers[owner(head, len(self.workers))]
             try:
-                socket.send_fds(worker.handoff, [head], [connection.fileno()])
-            except OSError:  # it died (it is restarted soon) or it is swamped
+                async with worker.sending:
+                    await self.send_socket(worker.handoff, head, connection)
+            except OSError:  # it died: it is restarted soon
                 await loop.sock_sendall(connection, TRY_LATER)
         except (TimeoutError, OSError) as exc:
             log.debug("a connection was not handed over: %s", exc)
         finally:
             self.waiting -= 1
             connection.close()  # the worker has its own copy
+
+    async def send_socket(self, handoff: socket.socket, head: bytes,
+                          connection: socket.socket) -> None:
+        """Send `connection` and what was read of it down `handoff`; while
+        the worker is slow to take them (a burst of connections), wait."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                socket.send_fds(handoff, [head], [connection.fileno()])
+                return
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(handoff.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(handoff.fileno())
 
     def stop_workers(self) -> None:
         for worker in self.workers:
@@ -233,6 +256,7 @@ class Handoff:
         self.handoff = handoff
         self.protocol_factory = protocol_factory  # Client(chat_server, initial)
         self.loop = asyncio.get_running_loop()
+        self.adopting: set[asyncio.Task] = set()
         handoff.setblocking(False)
         self.loop.add_reader(handoff.fileno(), self.take)
 
@@ -249,8 +273,10 @@ class Handoff:
             return
         connection = socket.socket(fileno=fds[0])
         connection.setblocking(False)
-        asyncio.ensure_future(self.loop.connect_accepted_socket(
+        task = asyncio.ensure_future(self.loop.connect_accepted_socket(
             lambda: self.protocol_factory(head), connection))
+        self.adopting.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self.adopting.discard)
 
     def close(self) -> None:
         self.loop.remove_reader(self.handoff.fileno())

@@ -76,15 +76,18 @@ SERVERS = {
 SERVERS["redis"] = (SERVERS["chatserver"][0] + ["--broker", "redis://127.0.0.1:{redis}/0"],
                     "/bench")
 SERVERS["redis-workers2"] = (SERVERS["redis"][0] + ["--workers", "2"], "/bench")
+# Two workers, each owning its rooms (no Redis), on the one core the others get.
+SERVERS["workers2"] = (SERVERS["chatserver"][0] + ["--workers", "2"], "/bench")
 # Durable: chatserver over a SQLite store, a fresh file for each run ({store}
 # is replaced by a new directory; see store_parent()).
 SERVERS["store"] = (SERVERS["chatserver"][0] + ["--store", "{store}/bench.db"], "/bench")
 # The same on uvloop's event loop (the `uvloop` extra): what asyncio's costs.
 SERVERS["uvloop"] = (SERVERS["chatserver"][0] + ["--uvloop"], "/bench")
-CHATSERVERS = ("chatserver", "redis", "redis-workers2", "store", "uvloop")
+CHATSERVERS = ("chatserver", "redis", "redis-workers2", "workers2", "store", "uvloop")
 LABELS = {
     "redis": "chatserver `--broker` (Redis)",
     "redis-workers2": "chatserver `--broker --workers 2`",
+    "workers2": "chatserver `--workers 2`",
     "store": "chatserver `--store` (SQLite)",
     "uvloop": "chatserver `--uvloop`",
     "chatserver": "chatserver",
@@ -617,7 +620,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--servers", default="chatserver,tutorial,naive,node",
                         help="any of chatserver, tutorial, naive, node, floor, uvloop, redis, "
-                        "redis-workers2, store")
+                        "redis-workers2, workers2, store")
     parser.add_argument("--scenarios", default="fanout,idle,storm",
                         help="any of fanout, idle, storm, ingest, rooms")
     parser.add_argument("--clients", type=int, default=1000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -113,3 +114,22 @@ def test_what_workers_cannot_do_is_a_clear_error(flags, says):
 def test_a_request_line_goes_to_the_owner_of_its_room(line, room):
     from zlib import crc32
     assert owner(line.encode() + b"\r\nHost: x\r\n", 3) == crc32(room.encode()) % 3
+
+
+async def test_a_burst_of_connections_is_handed_over_whole(run_process):
+    """Many connections at once (a reconnect storm): every one is handed to
+    its worker and welcomed, none left waiting in the parent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    parent = run_process("--workers", "2", "--max-per-ip", "5000", *FAST)
+    request = ("GET /burst{n} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    streams = [await asyncio.open_connection("127.0.0.1", parent.port) for _ in range(1500)]
+    for n, (_, writer) in enumerate(streams):
+        writer.write(request.format(n=n % 50).encode())
+    async with asyncio.timeout(30):
+        answers = [await reader.readline() for reader, _ in streams]
+    assert set(answers) == {b"HTTP/1.1 101 Switching Protocols\r\n"}
+    for _, writer in streams:
+        writer.close()
