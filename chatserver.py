@@ -1070,11 +1070,14 @@ class Chat:
             return None
         return ban
 
-    def ban_for(self, target: Member, by: Member, kick: Kick) -> Ban:
-        """The ban a /ban of `target` makes."""
-        subject = f"name:{fold(target.name)}" if target.verified else f"address:{target.address}"
+    def bans_for(self, target: Member, by: Member, kick: Kick) -> list[Ban]:
+        """The bans a /ban of `target` makes: of its verified name, and of
+        its address (which keeps out guests only: dropping the token must
+        not be a way back in)."""
         until = None if kick.ban_s == float("inf") else self.wall_clock() + kick.ban_s
-        return Ban(subject, target.name, until, kick.reason, by.name)
+        subjects = [f"name:{fold(target.name)}"] if target.verified else []
+        return [Ban(subject, target.name, until, kick.reason, by.name)
+                for subject in subjects + [f"address:{target.address}"]]
 
     def add_ban(self, room_name: str, ban: Ban) -> None:
         self.bans.setdefault(room_name, {})[ban.subject] = ban
@@ -1097,22 +1100,22 @@ class Chat:
     def bans_named(self, room_name: str, name: str) -> list[Ban]:
         return [ban for ban in self.room_bans(room_name) if fold(ban.name) == fold(name)]
 
-    def kick(self, by: Member, kick: Kick) -> tuple[Member | None, Ban | None, dict | str]:
+    def kick(self, by: Member, kick: Kick) -> tuple[Member | None, list[Ban], dict | str]:
         """Remove a member from `by`'s room (in this process): (the member,
-        the ban, the kick notice), or (None, None, why not)."""
+        the bans, the kick notice), or (None, [], why not)."""
         room = by.room
         target = room.members.get(fold(kick.name))
         if target is None:
-            return None, None, f"no one named {kick.name} is in {room.name}"
+            return None, [], f"no one named {kick.name} is in {room.name}"
         if target is by:
-            return None, None, "you cannot remove yourself; just leave"
-        ban = self.ban_for(target, by, kick) if kick.ban_s is not None else None
-        if ban is not None:
+            return None, [], "you cannot remove yourself; just leave"
+        bans = self.bans_for(target, by, kick) if kick.ban_s is not None else []
+        for ban in bans:
             self.add_ban(room.name, ban)
         self.leave(target, quiet=True)
-        notice = kicked(room.name, target.name, by.name, kick.reason, ban)
+        notice = kicked(room.name, target.name, by.name, kick.reason, bans[0] if bans else None)
         room.announce(notice)
-        return target, ban, notice
+        return target, bans, notice
 
     def set_topic(self, by: Member, text: str) -> None:
         by.room.topic = text
@@ -1558,12 +1561,12 @@ class MemoryRooms(Rooms):
         self.chat.remember(member, cid, seq)
 
     async def kick(self, member: Member, kick: Kick) -> str | None:
-        target, ban, outcome = self.chat.kick(member, kick)
+        target, bans, outcome = self.chat.kick(member, kick)
         if target is None:
             return outcome
         self.expel(target, member.name, kick.reason, encode(outcome))
         self.fanout.publish(member.room)
-        if ban is not None:
+        for ban in bans:
             await self.keep_ban(member.room.name, ban)
         return None
 

@@ -136,7 +136,7 @@ class SharedRoom(Room):
             admission.passed.set()
         if b'"event":"topic"' in frame:
             self.topic = json.loads(frame).get("topic", self.topic)
-        if notice is not None and notice["event"] != "nick" and self.gather_presence(
+        if notice is not None and notice["event"] in ("join", "leave") and self.gather_presence(
                 notice["name"], notice["event"] == "join", len(self.names)):
             return
         if notice is not None and notice["event"] == "nick":
@@ -147,7 +147,7 @@ class SharedRoom(Room):
         """Keep `names` as a join, leave or nick notice tells; return the
         notice, or None for any other frame."""
         if b'"event":"join"' not in frame and b'"event":"leave"' not in frame \
-                and b'"event":"nick"' not in frame:
+                and b'"event":"nick"' not in frame and b'"event":"kick"' not in frame:
             return None  # not worth parsing (in a string, a quote is escaped)
         notice = json.loads(frame)
         event = notice.get("event")
@@ -155,7 +155,7 @@ class SharedRoom(Room):
             self.names[fold(notice["name"])] = notice["name"]
             if notice.get("verified"):
                 self.vouched.add(fold(notice["name"]))
-        elif event == "leave":
+        elif event in ("leave", "kick"):  # a kick is a leave, told otherwise
             self.names.pop(fold(notice["name"]), None)
             self.vouched.discard(fold(notice["name"]))
         elif event == "nick":  # only guests change names
@@ -616,13 +616,14 @@ return swept
 # renamed to the first free candidate (a nick notice; `n PROC KEY NAME`
 # tells its process), and if a verified member holds it, the newcomer takes
 # it over.  KEYS: names, order.  ARGV: channel, room, folded name, then the
-# candidates for the guest: folded, name.  Returns the key of the verified
-# holder to take over, or "".
+# candidates for the guest: folded, name.  Returns {"v", key of the verified
+# holder to take over}, {"n", the renamed guest's process, key, new name},
+# or {""}.
 LUA_MAKE_WAY = LUA_COMMON + """
 local held = redis.call('HGET', KEYS[1], ARGV[3])
-if not held then return '' end
+if not held then return {''} end
 local entry = cjson.decode(held)
-if entry.verified then return entry.key end
+if entry.verified then return {'v', entry.key} end
 for i = 4, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
     local old = entry.name
@@ -632,10 +633,10 @@ for i = 4, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(entry))
     redis.call('PUBLISH', ARGV[1], 'n ' .. entry.proc .. ' ' .. entry.key .. ' ' .. ARGV[i + 1])
     redis.call('PUBLISH', ARGV[1], nick_notice(ARGV[2], old, ARGV[i + 1]))
-    return ''
+    return {'n', entry.proc, entry.key, ARGV[i + 1]}
   end
 end
-return ''
+return {''}
 """
 
 # A moderator removes a member: its name goes (no leave notice), its process
@@ -651,13 +652,17 @@ local held = redis.call('HGET', KEYS[1], ARGV[2])
 if not held then return '' end
 local entry = cjson.decode(held)
 redis.call('HDEL', KEYS[1], ARGV[2])
-if ARGV[6] ~= '' then
-  local ban = cjson.decode(ARGV[6])
-  ban.subject = entry.verified and ('name:' .. ARGV[2]) or ('address:' .. entry.address)
-  ban.name = entry.name
-  local field = ARGV[8] .. '\t' .. ban.subject
-  redis.call('HSET', KEYS[7], field, cjson.encode(ban))
-  redis.call('PUBLISH', ARGV[7], '+ ' .. field .. '\t' .. cjson.encode(ban))
+if ARGV[6] ~= '' then  -- as chatserver.Chat.bans_for: the verified name, and the address
+  local subjects = {'address:' .. entry.address}
+  if entry.verified then table.insert(subjects, 1, 'name:' .. ARGV[2]) end
+  for _, subject in ipairs(subjects) do
+    local ban = cjson.decode(ARGV[6])
+    ban.subject = subject
+    ban.name = entry.name
+    local field = ARGV[8] .. '\t' .. subject
+    redis.call('HSET', KEYS[7], field, cjson.encode(ban))
+    redis.call('PUBLISH', ARGV[7], '+ ' .. field .. '\t' .. cjson.encode(ban))
+  end
 end
 redis.call('PUBLISH', ARGV[1], 'k ' .. entry.proc .. ' ' .. entry.key .. ' ' .. ARGV[4])
 redis.call('PUBLISH', ARGV[1], '- ' .. ARGV[3])
@@ -848,8 +853,12 @@ class RedisRooms(Rooms):
             taking_over = ticket.key
             if identity is not None:
                 taking_over = await self.make_way(room, identity.name) or taking_over
-            name, claim = await self.claim(room, wanted, key, taking_over, join_id,
-                                           ticket.address, identity is not None)
+            try:
+                name, claim = await self.claim(room, wanted, key, taking_over, join_id,
+                                               ticket.address, identity is not None)
+            except Unconfirmed:  # it may have taken a name: ours in Redis are put right
+                self.spawn(self.reconcile(room.name))
+                raise
             epoch, last_seq, frames, taken_over, session = claim
             member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
                             refilled_at=self.chat.clock(), key=key,
@@ -993,7 +1002,9 @@ class RedisRooms(Rooms):
                     taking_over if start == 1 and taking_over else "",
                     secrets.token_urlsafe(16), self.session_ttl_ms, join_id]
             if verified:  # exactly its name (make_way freed it), or try again
-                names = names[:1]
+                names = [wanted] if names[:1] == [wanted] else []
+                if not names:
+                    raise Unavailable("your name was taken as you came in; try again")
             for name in names:
                 args += [fold(name), self.member_value(name, key, None, verified, address),
                          frame_prefix(joined(room.name, name, 0, verified), "count")]
@@ -1016,9 +1027,15 @@ class RedisRooms(Rooms):
         args = [self.channel(room.name), room.name, fold(name)]
         for candidate in name_candidates(name, 2, NAME_CANDIDATES):
             args += [fold(candidate), candidate]
-        key = await self.call(self.make_way_script, self.room_keys(room.name, "names", "order"),
-                              args)
-        return key.decode() or None
+        answer = await self.call(self.make_way_script,
+                                 self.room_keys(room.name, "names", "order"), args)
+        if answer[0] == b"v":
+            return answer[1].decode()
+        if answer[0] == b"n" and answer[1].decode() == self.proc:
+            # Our guest: renamed here at once, or the claim would find the
+            # name still held here (its `n` message comes later).
+            self.for_member(b"n", room, answer[2].decode(), answer[3].decode())
+        return None
 
     # Moderation, for every process: bans in one hash and on one channel
 

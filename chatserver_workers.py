@@ -110,10 +110,11 @@ class Parent:
         shared = f", sharing rooms over {safe_url(self.config.broker)}" if self.config.broker else ""
         print(f"chatserver listening on {scheme}://{host}:{self.config.port}/ with "
               f"{len(self.workers)} worker processes, each owning its rooms{shared}", flush=True)
-        loop.add_reader(self.ready.fileno(), self.ready.recv)  # a restarted worker's "listening"
+        loop.add_reader(self.ready.fileno(), self.take_ready)
         accepting = asyncio.create_task(self.accept())
         watching = asyncio.create_task(self.watch())
         await self.stopping.wait()
+        loop.remove_reader(self.ready.fileno())
         accepting.cancel()
         watching.cancel()
         self.listener.close()
@@ -128,6 +129,13 @@ class Parent:
         worker_end.close()
         parent_end.setblocking(False)
         return Worker(process, parent_end)
+
+    def take_ready(self) -> None:
+        """A restarted worker's "listening": read, or the pipe fills up."""
+        try:
+            self.ready.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(self.ready.fileno())
 
     async def started(self) -> str | None:
         """Wait until every worker listens; why not, if one does not."""
@@ -183,9 +191,9 @@ class Parent:
                     head += chunk
             worker = self.workers[owner(head, len(self.workers))]
             try:
-                async with worker.sending:
+                async with asyncio.timeout(self.config.handshake_timeout), worker.sending:
                     await self.send_socket(worker.handoff, head, connection)
-            except OSError:  # it died: it is restarted soon
+            except (OSError, TimeoutError):  # it died (it is restarted soon), or hangs
                 await loop.sock_sendall(connection, TRY_LATER)
         except (TimeoutError, OSError) as exc:
             log.debug("a connection was not handed over: %s", exc)

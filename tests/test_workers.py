@@ -74,6 +74,7 @@ async def test_each_room_lives_on_one_worker_and_rooms_spread_over_all(run_proce
     for first, _ in survivors:
         await first.expect(event="shutdown")
     assert await asyncio.to_thread(parent.popen.wait, 20) == 0
+    assert "Traceback" not in parent.stderr() and "Exception" not in parent.stderr()
 
 
 async def test_workers_with_a_broker_share_rooms_with_other_processes(run_process,
