@@ -84,6 +84,8 @@ class Admission:
     passed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     online: list[str] = dataclasses.field(default_factory=list)  # as of its join notice
     verified: list[str] = dataclasses.field(default_factory=list)  # of those
+    key: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(16))  # its own
+    lost: bool = False  # the channel went before its join notice came: it may never come
     frames: list[bytes] = dataclasses.field(default_factory=list)  # queued since
 
 
@@ -175,6 +177,14 @@ class SharedRoom(Room):
 
     def announce(self, frame: dict) -> None:
         self.queue(encode(frame))
+
+    def lose_admissions(self) -> None:
+        """The channel went: newcomers still waiting for their join notice
+        may wait for ever (it went with it); they fail now, and try again."""
+        for admission in self.admissions.values():
+            if not admission.passed.is_set():
+                admission.lost = True
+                admission.passed.set()
 
     def count(self) -> int:
         return len(self.names)
@@ -399,14 +409,16 @@ local function nick_notice(room, old, new)
     ',"old":' .. cjson.encode(old) .. ',"name":' .. cjson.encode(new) .. '}'
 end
 
-local function remove_names(room, channel, proc, except)
-  -- Remove the names `proc` holds in `room` (but those in `except`), each
-  -- with its leave notice; forget the room later if it is empty now.
+local function remove_names(room, channel, proc, except, joining)
+  -- Remove the names `proc` holds in `room` (but those in `except`, and
+  -- those of the keys in `joining`: newcomers on their way in), each with
+  -- its leave notice; forget the room later if it is empty now.
   local names_key = room_key(room, 'names')
   local marker = '"proc":"' .. proc .. '"'
   local values = redis.call('HGETALL', names_key)
   for i = 1, #values, 2 do
-    if not except[values[i]] and string.find(values[i + 1], marker, 1, true) then
+    if not except[values[i]] and string.find(values[i + 1], marker, 1, true) and
+        not joining[cjson.decode(values[i + 1]).key] then
       redis.call('HDEL', names_key, values[i])
       local count = redis.call('HLEN', names_key)
       if count > 0 then
@@ -549,13 +561,16 @@ return 1
 # A name put back is announced with a join notice: the room saw it leave
 # (the process was swept), or, after Redis lost its data, may have (a
 # process that synced meanwhile announced what it found gone).
-# KEYS: seq, epoch, history, names, order, this process's rooms, topic.  ARGV: channel, room, process, room ttl (ms), epoch ("" if none),
-# last seq known, then for each member: folded name, member value prefix,
-# join notice prefix.  Returns the folded names someone else took meanwhile.
+# KEYS: seq, epoch, history, names, order, this process's rooms, topic.
+# ARGV: channel, room, process, room ttl (ms), epoch ("" if none), last seq
+# known, the keys of newcomers on their way in (space-separated: their names
+# stay), then for each member: folded name, member value prefix, join notice
+# prefix.  Returns the folded names someone else took meanwhile.
 LUA_RECONCILE = LUA_COMMON + """
-local mine = {}
-for i = 7, #ARGV, 3 do mine[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
-remove_names(ARGV[2], ARGV[1], ARGV[3], mine)
+local mine, joining = {}, {}
+for key in string.gmatch(ARGV[7], '%S+') do joining[key] = true end
+for i = 8, #ARGV, 3 do mine[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]} end
+remove_names(ARGV[2], ARGV[1], ARGV[3], mine, joining)
 local taken = {}
 for folded, parts in pairs(mine) do
   local value = redis.call('HGET', KEYS[4], folded)
@@ -595,7 +610,7 @@ for _, proc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     local rooms_key = 'chat:proc:' .. proc .. ':rooms'
     for _, room in ipairs(redis.call('SMEMBERS', rooms_key)) do
       local before = redis.call('HLEN', room_key(room, 'names'))
-      remove_names(room, 'chat:' .. ARGV[1] .. ':' .. room, proc, {})
+      remove_names(room, 'chat:' .. ARGV[1] .. ':' .. room, proc, {}, {})
       local after = redis.call('HLEN', room_key(room, 'names'))
       swept = swept + before - after
       if after == 0 and before > 0 then
@@ -849,7 +864,7 @@ class RedisRooms(Rooms):
         admission = room.admissions[join_id] = Admission()
         try:
             await self.enter(room)
-            key = secrets.token_urlsafe(16)  # a new one: the old one names the old member
+            key = admission.key  # a new one: the old one names the old member
             taking_over = ticket.key
             if identity is not None:
                 taking_over = await self.make_way(room, identity.name) or taking_over
@@ -887,8 +902,10 @@ class RedisRooms(Rooms):
         try:
             await asyncio.wait_for(admission.passed.wait(), ADMISSION_TIMEOUT_S)
         except asyncio.TimeoutError:
+            admission.lost = True
+        if admission.lost:
             self.spawn(self.leave_redis(room, member, False))
-            raise Unavailable(BROKER_DOWN) from None
+            raise Unavailable(BROKER_DOWN)
 
     def leave(self, member: Member) -> None:
         room = member.room
@@ -1181,6 +1198,8 @@ class RedisRooms(Rooms):
             finally:
                 self.pubsub = None
                 self.set_up(False)
+                for room in self.channels.values():
+                    room.lose_admissions()
                 try:
                     await pubsub.aclose()
                     # Pooled connections to a Redis that went away would each
@@ -1311,8 +1330,9 @@ class RedisRooms(Rooms):
 
     async def reconcile(self, room_name: str) -> None:
         room = self.chat.rooms.get(room_name)
+        joining = " ".join(admission.key for admission in room.admissions.values()) if room else ""
         args = [self.channel(room_name), room_name, self.proc, self.room_ttl_ms,
-                room.epoch if room else "", room.seq if room else 0]
+                room.epoch if room else "", room.seq if room else 0, joining]
         for member in (room.members.values() if room else ()):
             args += [fold(member.name),
                      self.member_value(member.name, member.key, member.session,

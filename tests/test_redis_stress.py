@@ -295,3 +295,30 @@ async def test_when_redis_loses_its_data_the_rooms_carry_on_with_their_numbering
     await carol.send("after")
     for client in (alice, bob, carol):
         assert await chat_lines(client, 1) == [(4, "carol", "after")]
+
+
+async def test_joins_caught_by_a_lost_subscription_fail_fast_and_nobody_is_left_out(
+        redis_server, run_process):
+    """A newcomer whose join notice may have gone with the channel fails at
+    once (1013) rather than waiting for it; tried again, it gets in while
+    the process puts its names back in Redis, and keeps its name there
+    (Redis 50 ms away, so that they overlap)."""
+    async with DelayRelay(redis_server.port, 0.05) as relay:
+        a = await started(run_process, "--broker", relay.url, *FAST)
+        b = await started(run_process, "--broker", redis_server.url, *FAST)
+        await join(a.url, "recon", name="keeper")
+        watcher = await join(b.url, "recon", name="watcher")
+        newcomers = []
+        for n in range(2):
+            redis_server.client().client_kill_filter(_type="pubsub")
+            async with asyncio.timeout(8):
+                while True:  # refused while a's broker is down; in as soon as it is back
+                    try:
+                        newcomers.append(await join(a.url, "recon", name=f"new{n}"))
+                        break
+                    except (ConnectionClosed, InvalidStatus):
+                        await asyncio.sleep(0.02)
+        await asyncio.sleep(1)  # every reconciliation is over
+        await watcher.send("/who")
+        online = (await watcher.expect(event="who"))["online"]
+        assert sorted(online) == sorted(["keeper", "watcher", *(c.name for c in newcomers)])
