@@ -341,6 +341,16 @@ def relay(chat_server):
     relay.close()
 
 
+def watch(page, troubles: list[str]) -> None:
+    """Note in `troubles` any dialog the page shows (then dismissed), any
+    error it throws, and any breach of its Content-Security-Policy."""
+    page.on("dialog", lambda dialog: (troubles.append(f"dialog: {dialog.message}"),
+                                      dialog.dismiss()))
+    page.on("pageerror", lambda exc: troubles.append(f"page error: {exc}"))
+    page.on("console", lambda msg: troubles.append(f"console: {msg.text}")
+            if "Content Security Policy" in msg.text else None)
+
+
 @pytest.fixture
 def open_page(browser):
     """Open the chat page in a fresh browser profile (own localStorage).
@@ -353,11 +363,7 @@ def open_page(browser):
             context = browser.new_context(viewport={"width": width, "height": height})
             contexts.append(context)
         page = context.new_page()
-        page.on("dialog", lambda dialog: (troubles.append(f"dialog: {dialog.message}"),
-                                          dialog.dismiss()))
-        page.on("pageerror", lambda exc: troubles.append(f"page error: {exc}"))
-        page.on("console", lambda msg: troubles.append(f"console: {msg.text}")
-                if "Content Security Policy" in msg.text else None)
+        watch(page, troubles)
         chat_page = ChatPage(page)  # before goto: it counts the sockets opened
         page.goto(url)
         return chat_page

@@ -47,7 +47,7 @@ from websockets.sync.client import connect as sync_connect
 
 import chatserver
 from conftest import ROOT, Process, free_port, in_ci
-from test_browser import ChatPage, browser  # noqa: F401 (browser: a fixture)
+from test_browser import ChatPage, browser, watch  # noqa: F401 (browser: a fixture)
 
 try:
     from playwright.sync_api import expect
@@ -365,9 +365,7 @@ def test_a_chromium_page_chats_over_wss_through_nginx_and_is_counted_by_its_own_
     troubles: list[str] = []
     try:
         page = context.new_page()
-        page.on("pageerror", lambda exc: troubles.append(f"page error: {exc}"))
-        page.on("console", lambda msg: troubles.append(f"console: {msg.text}")
-                if "Content Security Policy" in msg.text else None)
+        watch(page, troubles)
         alice = ChatPage(page)
         page.goto(f"{site.origin}/?room=deploy&name=alice")
         alice.wait_online()

@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 
 from test_browser import (  # the same servers, browser and page helpers as the first stories
     PUBLIC, RECONNECT_MS, WAIT_MS, ChatPage, ChatServerProcess, Relay, StaticServer, page_url,
-    sync_playwright)
+    sync_playwright, watch)
 from test_browser import browser, chat_server, site  # noqa: F401  (fixtures)
 
 if sync_playwright is not None:
@@ -211,11 +211,7 @@ def open_page(browser):
         page = context.new_page()
         if clock_at is not None:
             page.clock.install(time=clock_at / 1000)  # seconds in Python
-        page.on("dialog", lambda dialog: (troubles.append(f"dialog: {dialog.message}"),
-                                          dialog.dismiss()))
-        page.on("pageerror", lambda exc: troubles.append(f"page error: {exc}"))
-        page.on("console", lambda msg: troubles.append(f"console: {msg.text}")
-                if "Content Security Policy" in msg.text else None)
+        watch(page, troubles)
         chat_page = ChatPage(page)
         chat_page.sent = []  # text frames the page sent
         page.on("websocket", lambda ws: ws.on(
