@@ -5,11 +5,13 @@ other machines).  Real processes, real sockets."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import resource
 import signal
 import subprocess
 import sys
+import termios
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -30,6 +32,24 @@ def zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def unread_in_ready_pipe(pid: int) -> int:
+    """Bytes waiting in the parent's ready pipe: the one pipe of which the
+    parent holds both ends (the workers write "ready" into it)."""
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("pipe:"):
+            fds.setdefault(target, []).append(fd)
+    (both,) = [ends for ends in fds.values() if len(ends) == 2]
+    pipe = os.open(f"/proc/{pid}/fd/{both[0]}", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        count = bytearray(4)
+        fcntl.ioctl(pipe, termios.FIONREAD, count)
+        return int.from_bytes(count, sys.byteorder)
+    finally:
+        os.close(pipe)
 
 
 def rooms_of(worker: int, count: int, workers: int = 2) -> list[str]:
@@ -69,6 +89,9 @@ async def test_each_room_lives_on_one_worker_and_rooms_spread_over_all(run_proce
             except (OSError, ConnectionClosed, InvalidHandshake, asyncio.TimeoutError):
                 await asyncio.sleep(0.2)
     assert again.name == "back" and victim not in children(parent.popen.pid)
+    async with asyncio.timeout(5):  # its "ready" was read: the pipe cannot fill up
+        while unread_in_ready_pipe(parent.popen.pid):
+            await asyncio.sleep(0.1)
     parent.popen.send_signal(signal.SIGTERM)
     survivors = [pair for room, pair in zip(rooms, pairs) if room not in gone]
     for first, _ in survivors:
