@@ -14,12 +14,11 @@ import signal
 import time
 
 import pytest
+from conftest import ROOT, chat_lines, free_port, in_ci, join
 from redis.exceptions import ResponseError
+from test_redis import FAST, cluster  # noqa: F401  (a fixture)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from conftest import ROOT, chat_lines, free_port, in_ci, join
-from test_redis import FAST, cluster  # noqa: F401  (a fixture)
 
 
 class DelayRelay:

@@ -14,11 +14,11 @@ import sys
 import termios
 
 import pytest
+from conftest import ROOT, chat_lines, join
+from test_redis import FAST
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from chatserver_workers import owner
-from conftest import ROOT, chat_lines, join
-from test_redis import FAST
 
 
 def children(pid: int) -> list[int]:
