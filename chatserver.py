@@ -1838,6 +1838,10 @@ class Client(asyncio.Protocol):
         self.protocol.send_response(response)
         self.answered = True
         self.send_protocol_data()  # the response goes out before any frame
+        # websockets' parser keeps the request for the connection's life (a
+        # local of its generator): its headers, some 15 objects, would be
+        # walked by every full garbage collection, for each client.
+        request.headers.clear()
         if self.protocol.state is State.OPEN:
             self.timer.cancel()
             self.timer = None

@@ -455,3 +455,27 @@ async def test_the_welcome_names_the_limits_a_line_is_checked_against(start_chat
     assert (client.welcome["max_chars"], client.welcome["max_size"]) == (10, 4096)
     await client.send("x" * 11)
     assert "10" in (await client.expect(event="error"))["message"]
+
+
+async def test_a_handshakes_headers_are_not_kept_for_the_connections_life(run_process):
+    """A browser sends about 1 KB of headers, but websockets accepts up to
+    128 lines of 8 KB, and its parser keeps the request for as long as the
+    connection lives: 1 MB per idle client, against no limit.  The server
+    lets them go once the handshake is answered.  40 clients with 960 KB of
+    headers each would hold 38 MB."""
+    process = run_process("--max-per-ip", "100", "--rooms-per-ip", "100")
+    padding = "".join(f"X-Pad-{n}: {'p' * 8000}\r\n" for n in range(120))
+    request = (f"GET /pads HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"{padding}\r\n").encode()
+    before = rss_kib(process.popen.pid)
+    streams = []
+    for _ in range(40):
+        reader, writer = await asyncio.open_connection("127.0.0.1", process.port)
+        writer.write(request)
+        assert await reader.readline() == b"HTTP/1.1 101 Switching Protocols\r\n"
+        streams.append(writer)
+    grown_kib = rss_kib(process.popen.pid) - before
+    for writer in streams:
+        writer.close()
+    assert grown_kib < 8 * 1024, grown_kib  # what the 40 connections themselves cost
