@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import ROOT, chat_lines, free_port, in_ci, join
+from conftest import ROOT, chat_lines, free_port, http_get, in_ci, join, parse_metrics
 from test_redis import FAST, cluster  # noqa: F401  (a fixture)
 
 
@@ -322,3 +322,82 @@ async def test_joins_caught_by_a_lost_subscription_fail_fast_and_nobody_is_left_
         await watcher.send("/who")
         online = (await watcher.expect(event="who"))["online"]
         assert sorted(online) == sorted(["keeper", "watcher", *(c.name for c in newcomers)])
+
+
+async def test_a_frozen_redis_pushes_back_on_senders_and_loses_no_line(redis_server, run_process):
+    """Overload (issue 15, item 3): while Redis does not answer, a sender's
+    lines are not read past the few that wait for it (so its own socket
+    fills and its sends block), and once Redis answers every line is
+    posted, once, in order."""
+    process = await started(run_process, "--broker", redis_server.url, "--rate", "100000",
+                            "--burst", "100000", "--max-buffer", "50000000")
+    watcher = await join(process.url, "push", name="watcher")
+    sender = await join(process.url, "push", name="sender")
+    lines = [f"{n} " + "x" * 1990 for n in range(3000)]  # 6 MB: more than sockets hold
+
+    async def received() -> float:
+        _, text = await http_get(process.port, "/metrics")
+        return parse_metrics(text)["chat_messages_received_total"]
+
+    async def send_all():
+        for line in lines:
+            await sender.send(line)
+
+    before = await received()
+    with frozen(redis_server):  # 2.5 s: the heartbeat takes Redis for gone after 4
+        sending = asyncio.create_task(send_all())
+        await asyncio.sleep(2.5)
+        read_meanwhile = await received() - before
+        assert read_meanwhile <= 64, read_meanwhile  # chatserver.INBOX_LINES
+        assert not sending.done()  # so its sends block
+    async with asyncio.timeout(60):
+        await sending
+        got = await chat_lines(watcher, len(lines))
+    assert [message for _, _, message in got] == lines
+    assert [seq for seq, _, _ in got] == list(range(1, len(lines) + 1))
+
+
+async def test_the_posts_of_one_loop_turn_go_to_redis_in_one_write(redis_server):
+    """Pipelining (issue 15, item 3): commands sent in one turn of the event
+    loop leave in one write, and their answers come back in order."""
+    import redis.asyncio
+
+    from chatserver_redis import Pipe, command_bytes, raw_connection
+
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    pipe = Pipe(await raw_connection(client))
+    writes = []
+    write = pipe.writer.write
+    pipe.writer.write = lambda data: (writes.append(data), write(data))[1]
+    try:
+        answers = await asyncio.gather(*(pipe.send(command_bytes(b"INCR", b"pipelined"))
+                                         for _ in range(200)))
+        assert answers == list(range(1, 201))
+        assert len(writes) == 1
+        answers = await asyncio.gather(*(pipe.send(command_bytes(b"INCR", b"pipelined"))
+                                         for _ in range(3)))
+        assert answers == [201, 202, 203] and len(writes) == 2
+    finally:
+        pipe.close()
+        await client.aclose()
+
+
+def test_replies_are_read_alike_by_our_parser_and_hiredis():
+    """The channels and the pipe read RESP with hiredis if it is installed
+    (the `hiredis` extra), else with chatserver_redis.Replies: both give the
+    same values, whole replies only, and errors as ReplyError values."""
+    from chatserver_redis import Replies, ReplyError, replies
+
+    stream = (b">3\r\n$7\r\nmessage\r\n$6\r\nchat:0\r\n$5\r\n1 {}x\r\n"  # RESP3 push
+              b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"  # RESP2 array
+              b"*2\r\n:42\r\n$-1\r\n-NOSCRIPT No matching script\r\n_\r\n+OK\r\n$0\r\n\r\n")
+    want = [[b"message", b"chat:0", b"1 {}x"], [b"subscribe", b"c", 1], [42, None],
+            "NOSCRIPT No matching script", None, b"OK", b""]
+    parsers = [Replies(), replies()]
+    for parser in parsers:
+        got = []
+        for i in range(len(stream)):  # a byte at a time: replies split anywhere
+            parser.feed(stream[i:i + 1])
+            while (reply := parser.gets()) is not False:
+                got.append(str(reply) if isinstance(reply, ReplyError) else reply)
+        assert got == want, type(parser)
