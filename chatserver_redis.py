@@ -884,7 +884,7 @@ class Pipe:
                     if not future.done():
                         future.set_result(reply)
             self.fail(ConnectionError("Redis closed the connection"))
-        except (OSError, ValueError, IndexError) as exc:  # IndexError: an answer with no command
+        except Exception as exc:  # a lost connection, or a stream we cannot read any more
             self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
