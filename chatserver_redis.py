@@ -2,7 +2,7 @@
 
 With --broker redis://HOST:PORT/DB, processes that share a Redis server act
 as one chat server.  This module is imported only then, and needs the redis
-package (pip install chatserver[redis]).  It implements chatserver's `Rooms`
+and hiredis packages (pip install chatserver[redis]).  It implements chatserver's `Rooms`
 seam: the chat rules, acks and the fan-out stay in chatserver.py.
 
 Redis holds what every process must agree on, per room:
@@ -32,6 +32,7 @@ channel (`Admission`), so the room never waits for a join.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -719,6 +720,125 @@ return 0
 """
 
 
+# The hot path's wire: chat lines and the channels, RESP written here and
+# read by hiredis, on two connections of their own.  redis-py costs tens of
+# microseconds per command (its pool, its parser, a task switch per reply);
+# a line is one command and one channel message, so that was most of what
+# --broker added to a line.
+
+
+def command_bytes(*args: bytes | str | int) -> bytes:
+    """A command in RESP, as Redis reads it: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class ReplyError(Exception):
+    """An error reply from Redis (`-ERR ...`, `-NOSCRIPT ...`), as a value."""
+
+
+def replies():
+    """A reply parser for the pipe and the channels: hiredis's C parser (the
+    `redis` extra installs it), which gives errors as ReplyError values."""
+    import hiredis
+    return hiredis.Reader(replyError=ReplyError)
+
+
+async def raw_connection(client):
+    """A new connection to `client`'s Redis, out of its pool: connected,
+    authenticated and on its DB by redis-py (any URL it takes: TLS, a Unix
+    socket, a password), then read and written here directly."""
+    connection = client.connection_pool.make_connection()
+    await connection.connect()
+    return connection
+
+
+class Pipe:
+    """One connection on which commands are pipelined: every command of an
+    event loop turn goes out in one write at its end, and one task reads the
+    answers, as many as each read brings, in order.  A line costs no
+    round trip of its own, no pooled connection and no task switch.
+
+    An answer waits as long as the connection lives, at most
+    REDIS_GIVE_UP_S: then the connection is dropped, and every command
+    waiting on it fails with ConnectionError (it may have run)."""
+
+    def __init__(self, connection) -> None:
+        self.connection = connection
+        self.reader, self.writer = connection._reader, connection._writer
+        self.loop = asyncio.get_running_loop()
+        self.out: list[bytes] = []
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()
+        self.broken: BaseException | None = None
+        self.replies = replies()
+        self.watch: asyncio.TimerHandle | None = None
+        self.task = asyncio.ensure_future(self.read())
+
+    def send(self, command: bytes) -> asyncio.Future:
+        """Queue one command (command_bytes); its answer comes in the future
+        (a ReplyError value for an error reply)."""
+        if self.broken is not None:
+            raise ConnectionError(f"the connection to Redis was lost: {self.broken}")
+        if not self.out:
+            self.loop.call_soon(self.flush)
+        self.out.append(command)
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        self.sent_at.append(self.loop.time())
+        if self.watch is None:
+            self.watch = self.loop.call_later(REDIS_GIVE_UP_S / 4, self.check)
+        return future
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        if out and self.broken is None:
+            self.writer.write(b"".join(out))
+
+    def check(self) -> None:
+        """Give up on a connection whose oldest command waits too long."""
+        self.watch = None
+        if self.sent_at and self.loop.time() - self.sent_at[0] > REDIS_GIVE_UP_S:
+            self.fail(TimeoutError(f"no answer in {REDIS_GIVE_UP_S:.0f} s"))
+        elif self.sent_at:
+            self.watch = self.loop.call_later(REDIS_GIVE_UP_S / 4, self.check)
+
+    async def read(self) -> None:
+        waiting, sent_at, parser = self.waiting, self.sent_at, self.replies
+        try:
+            while data := await self.reader.read(65536):
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    sent_at.popleft()
+                    future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(reply)
+            self.fail(ConnectionError("Redis closed the connection"))
+        except Exception as exc:  # a lost connection, or a stream we cannot read any more
+            self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """The connection is lost: every command waiting fails."""
+        if self.broken is None:
+            self.broken = exc
+            if self.watch is not None:
+                self.watch.cancel()
+            self.writer.transport.abort()
+            self.task.cancel()
+        while self.waiting:
+            self.sent_at.popleft()
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(ConnectionError(f"no answer from Redis: {exc}"))
+
+    def close(self) -> None:
+        self.fail(ConnectionError("closed"))
+
+
 class RedisRooms(Rooms):
     """Rooms shared through a Redis server with other chatserver processes.
 
@@ -748,7 +868,9 @@ class RedisRooms(Rooms):
         self.client = None  # redis.asyncio.Redis: commands
         self.listener = None  # the subscriber's
         self.pulse = None  # the heartbeat's
-        self.pubsub = None
+        self.subscriber = None  # the connection the channels come on
+        self.pipe: Pipe | None = None  # posts
+        self.pipe_opening: asyncio.Future | None = None
         self.errors: tuple[type[BaseException], ...] = (OSError,)
         self.up = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
@@ -765,9 +887,13 @@ class RedisRooms(Rooms):
 
     async def start(self) -> None:
         """Connect to Redis; raise Unavailable if it cannot be reached."""
-        import redis
-        import redis.exceptions
-
+        try:
+            import hiredis  # noqa: F401  (the pipe's and the channels' parser)
+            import redis
+            import redis.exceptions
+        except ImportError as exc:
+            raise Unavailable(f"--broker needs the redis and hiredis packages "
+                              f"(pip install chatserver[redis]): {exc}") from None
         self.errors = (redis.exceptions.RedisError, OSError)
         self.no_answer = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                           OSError, asyncio.TimeoutError)
@@ -789,6 +915,7 @@ class RedisRooms(Rooms):
         try:  # Redis's generation: its loss tells of Redis losing its data
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 await self.client.set("chat:generation", "1", nx=True)
+                await self.connect_pipe()
         except (*self.errors, asyncio.TimeoutError) as exc:
             await self.close()
             raise Unavailable(f"the message broker at {safe_url(self.url)} "
@@ -821,6 +948,8 @@ class RedisRooms(Rooms):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.set_up(False)
+        if self.pipe is not None:
+            self.pipe.close()
         for client in (self.client, self.listener, self.pulse):
             if client is not None:
                 await client.aclose()
@@ -925,7 +1054,7 @@ class RedisRooms(Rooms):
         room = member.room
         frame = chat(room.name, member.name, text, 0, action, member.verified)
         for _ in range(RECOVERY_TRIES):
-            seq, epoch = await self.call(
+            seq, epoch = await self.run(
                 self.post_script,
                 self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
                 [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
@@ -1123,10 +1252,10 @@ class RedisRooms(Rooms):
         """Subscribe to the room's channel if needed; wait until it is synced."""
         channel = self.channel(room.name).encode()
         if channel not in self.channels:
-            if self.pubsub is None:
+            if self.subscriber is None:
                 raise Unavailable(BROKER_DOWN)
             self.channels[channel] = room
-            await self.call(self.pubsub.subscribe, channel)
+            self.tell_subscriber(b"SUBSCRIBE", channel)
         try:
             await asyncio.wait_for(room.synced.wait(), REDIS_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -1174,8 +1303,14 @@ class RedisRooms(Rooms):
     async def unsubscribe(self, channel: bytes) -> None:
         # Not if a newcomer subscribed again meanwhile: its subscribe may
         # have gone first, and this would undo it.
-        if channel not in self.channels and self.pubsub is not None and self.up.is_set():
-            await self.call(self.pubsub.unsubscribe, channel)
+        if channel not in self.channels and self.subscriber is not None:
+            self.tell_subscriber(b"UNSUBSCRIBE", channel)
+
+    def tell_subscriber(self, *command: bytes) -> None:
+        """(Un)subscribe; Redis confirms on the channels' connection (on_channel)."""
+        if not self.up.is_set():
+            raise Unavailable(BROKER_DOWN)
+        self.subscriber._writer.write(command_bytes(*command))
 
     # The connection to Redis
 
@@ -1183,25 +1318,28 @@ class RedisRooms(Rooms):
         """Read the channels; reconnect with backoff whenever Redis goes."""
         delay = RECONNECT_MIN_S
         while True:
-            pubsub = self.listener.pubsub()
+            connection = None
             try:
                 for room in self.channels.values():
                     room.synced.clear()
-                await pubsub.subscribe(self.control, self.bans_channel, *self.channels)
-                self.pubsub = pubsub
+                connection = await raw_connection(self.listener)
+                connection._writer.write(command_bytes(b"SUBSCRIBE", self.control,
+                                                       self.bans_channel, *self.channels))
+                self.subscriber = connection
                 delay = RECONNECT_MIN_S
-                await self.read(pubsub)
+                await self.read(connection)
             except Exception as exc:
                 if not isinstance(exc, self.errors):
                     log.exception("broker: reading the channels failed")
                 self.lost(exc)
             finally:
-                self.pubsub = None
+                self.subscriber = None
                 self.set_up(False)
                 for room in self.channels.values():
                     room.lose_admissions()
                 try:
-                    await pubsub.aclose()
+                    if connection is not None:
+                        await connection.disconnect()
                     # Pooled connections to a Redis that went away would each
                     # fail once more: drop them all, they reconnect on use.
                     await self.client.connection_pool.disconnect()
@@ -1210,34 +1348,47 @@ class RedisRooms(Rooms):
             await asyncio.sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
             delay = min(delay * 2, RECONNECT_MAX_S)
 
-    async def read(self, pubsub) -> None:
-        while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
-                continue
-            channel = message["channel"]
-            if message["type"] == "message" and channel == self.bans_channel:
-                self.follow_bans(message["data"].decode(errors="replace"))
-            elif message["type"] == "message":
-                room = self.channels.get(channel)
-                if room is not None:
-                    head, _, frame = message["data"].partition(b" ")
-                    if head in (b"r", b"n", b"k"):  # for one process: about one member
-                        parts = frame.decode(errors="replace").split(" ", 2)
-                        if len(parts) == 3 and parts[0] == self.proc:
-                            self.for_member(head, room, parts[1], parts[2])
-                        continue
-                    if head not in (b"-", b"j") and not head.isdigit():
-                        log.warning("broker: ignoring a foreign message on %r", channel)
-                        continue
-                    room.published(head, frame)
-                    self.fanout.publish(room)
-            elif message["type"] == "subscribe":
-                if channel == self.control:
-                    self.set_up(True)
-                    self.spawn(self.reconcile_all())
-                elif channel in self.channels:
-                    self.spawn(self.sync(self.channels[channel]))
+    async def read(self, connection) -> None:
+        """Take what the channels bring: every message a read of the
+        connection holds, each handled at once (no task switch per message)."""
+        parser, reader = replies(), connection._reader
+        while data := await reader.read(65536):
+            parser.feed(data)
+            while (message := parser.gets()) is not False:
+                self.on_channel(message)
+        raise ConnectionError("Redis closed the channels' connection")
+
+    def on_channel(self, message) -> None:
+        """One message from the channels' connection: [kind, channel, data]."""
+        if isinstance(message, ReplyError):
+            log.warning("broker: the channels' connection got an error: %s", message)
+            return
+        if not isinstance(message, list) or len(message) != 3:
+            return
+        kind, channel, data = message
+        if kind == b"message" and channel == self.bans_channel:
+            self.follow_bans(data.decode(errors="replace"))
+        elif kind == b"message":
+            room = self.channels.get(channel)
+            if room is None:
+                return
+            head, _, frame = data.partition(b" ")
+            if head in (b"r", b"n", b"k"):  # for one process: about one member
+                parts = frame.decode(errors="replace").split(" ", 2)
+                if len(parts) == 3 and parts[0] == self.proc:
+                    self.for_member(head, room, parts[1], parts[2])
+                return
+            if head not in (b"-", b"j") and not head.isdigit():
+                log.warning("broker: ignoring a foreign message on %r", channel)
+                return
+            room.published(head, frame)
+            self.fanout.publish(room)
+        elif kind == b"subscribe":
+            if channel == self.control:
+                self.set_up(True)
+                self.spawn(self.reconcile_all())
+            elif channel in self.channels:
+                self.spawn(self.sync(self.channels[channel]))
 
     def for_member(self, head: bytes, room: SharedRoom, key: str, what: str) -> None:
         """What the channel tells this process about its member with `key`:
@@ -1286,8 +1437,10 @@ class RedisRooms(Rooms):
         if self.up.is_set():
             log.warning("message broker %s lost: %s; reconnecting", safe_url(self.url), exc)
         self.set_up(False)
-        if self.pubsub is not None and self.pubsub.connection is not None:
-            self.spawn(self.pubsub.connection.disconnect())
+        if self.subscriber is not None:
+            self.spawn(self.subscriber.disconnect())
+        if self.pipe is not None:
+            self.pipe.close()
         self.spawn(self.client.connection_pool.disconnect())
 
     def set_up(self, up: bool) -> None:
@@ -1310,6 +1463,52 @@ class RedisRooms(Rooms):
         except self.errors as exc:
             raise Unavailable(f"the message broker refused it ({exc}); "
                               "your message was not sent") from exc
+
+    async def run(self, script, keys: list[str], args: list) -> object:
+        """Run a Lua script on the pipe, pipelined with the others of this
+        event loop turn (posts: the hot path); otherwise as `call`."""
+        if not self.up.is_set():
+            raise Unavailable(BROKER_DOWN)
+        pipe = self.pipe
+        if pipe is None or pipe.broken is not None:
+            pipe = await self.open_pipe()
+        try:
+            reply = await pipe.send(command_bytes(b"EVALSHA", script.sha, len(keys), *keys,
+                                                  *args))
+            if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                # Redis restarted and forgot it: the script itself, once.
+                reply = await pipe.send(command_bytes(b"EVAL", script.script, len(keys),
+                                                      *keys, *args))
+        except OSError as exc:  # ConnectionError: no answer, it may have run
+            self.beat_now.set()  # is Redis gone?
+            raise Unconfirmed(UNCONFIRMED) from exc
+        if isinstance(reply, ReplyError):
+            raise Unavailable(f"the message broker refused it ({reply}); "
+                              "your message was not sent")
+        return reply
+
+    async def open_pipe(self) -> Pipe:
+        """The pipe, connected again; Unavailable if Redis cannot be reached
+        (then nothing was sent)."""
+        if self.pipe_opening is None:
+            self.pipe_opening = asyncio.ensure_future(self.connect_pipe())
+        opening = self.pipe_opening
+        try:
+            return await asyncio.shield(opening)
+        except (*self.errors, asyncio.TimeoutError) as exc:
+            self.beat_now.set()
+            raise Unavailable(BROKER_DOWN) from exc
+        finally:
+            if self.pipe_opening is opening and opening.done():
+                self.pipe_opening = None
+
+    async def connect_pipe(self) -> Pipe:
+        # A Redis that accepts but is slow to answer is waited for, as a
+        # command would be; one that refuses fails at once.
+        async with asyncio.timeout(REDIS_GIVE_UP_S):
+            connection = await raw_connection(self.client)
+        self.pipe = Pipe(connection)
+        return self.pipe
 
     async def reconcile_all(self) -> None:
         """Our names in Redis, as they are here: after (re)connecting, and

@@ -27,6 +27,10 @@
  * ladder ends after two failing steps in a row (lost frames or p99 >= 100
  * ms), not one: on a shared machine a neighbour can spoil one step.
  *
+ * SERVER_PID may be PID,BROKER_PID: then the broker's CPU (redis-server,
+ * which is not in the server's process tree) is counted apart, as
+ * broker_cpu_s.
+ *
  * Results are JSON lines on stdout.  Loopback only; every phase is bounded
  * in time.
  */
@@ -322,6 +326,15 @@ static double pct(double q) {
     return lat_ms[(long)(q * (nlat - 1))];
 }
 
+/* SERVER_PID, or SERVER_PID,BROKER_PID (see the top). */
+static int broker_pid;
+static int server_pid_arg(const char *arg) {
+    const char *comma = strchr(arg, ',');
+    broker_pid = comma ? atoi(comma + 1) : 0;
+    return atoi(arg);
+}
+static double broker_cpu_s(void) { return broker_pid ? proc_cpu_s(broker_pid) : 0; }
+
 static void raise_fd_limit(void) {
     struct rlimit r;
     getrlimit(RLIMIT_NOFILE, &r);
@@ -332,7 +345,7 @@ static void raise_fd_limit(void) {
 static int fanout(int argc, char **argv) {
     int senders = atoi(argv[6]), msg_bytes = atoi(argv[7]), deflate = atoi(argv[9]);
     double step_s = atof(argv[8]);
-    int server_pid = atoi(argv[10]);
+    int server_pid = server_pid_arg(argv[10]);
     connect_all(deflate, 60);
     pump(now_s() + 30, 1.0);  /* let join notices settle */
     unsigned char text[128];
@@ -341,7 +354,7 @@ static int fanout(int argc, char **argv) {
         double rate = atof(argv[r]);
         total_messages = 0;
         nlat = 0;
-        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s();
+        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s(), broker0 = broker_cpu_s();
         double t0 = now_s(), end = t0 + step_s;
         long sent = 0;
         while (now_s() < end) {
@@ -356,16 +369,17 @@ static int fanout(int argc, char **argv) {
             pump(next < end ? next : end, 0);
         }
         double stopped = pump(now_s() + 5, 0.5);  /* drain */
-        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s();
+        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s(), broker1 = broker_cpu_s();
         long expected = sent * (long)nconns;
         qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
         double p99 = pct(0.99);
         printf("{\"rate\": %.0f, \"sent\": %ld, \"expected\": %ld, \"received\": %ld, "
                "\"lost\": %ld, \"deliveries_per_s\": %.0f, \"p50_ms\": %.2f, \"p99_ms\": %.2f, "
                "\"max_ms\": %.2f, \"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, "
+               "\"broker_cpu_s\": %.3f, "
                "\"step_s\": %.3f, \"wall_s\": %.3f, \"compressed\": %d}\n",
                rate, sent, expected, total_messages, expected - total_messages,
-               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0,
+               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0, broker1 - broker0,
                step_s, stopped - t0, conns[0].compressed);
         fflush(stdout);
         if (expected != total_messages || p99 >= 100) break;
@@ -399,7 +413,7 @@ static void on_ingest_frame(const unsigned char *p, size_t n) {
 static int ingest(int argc, char **argv) {
     int line_bytes = atoi(argv[7]), deflate = atoi(argv[9]);
     double step_s = atof(argv[8]);
-    int server_pid = atoi(argv[10]);
+    int server_pid = server_pid_arg(argv[10]);
     if (line_bytes < 1 || line_bytes > 1000) line_bytes = 64;
     connect_all(deflate, 120);
     pump(now_s() + 30, 1.0);  /* let join notices settle */
@@ -415,7 +429,7 @@ static int ingest(int argc, char **argv) {
         total_messages = acks = errors_seen = deliveries = 0;
         nlat = 0;
         long expected_deliveries = 0;
-        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s();
+        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s(), broker0 = broker_cpu_s();
         double t0 = now_s(), end = t0 + step_s;
         long sent = 0;
         while (now_s() < end) {
@@ -433,17 +447,17 @@ static int ingest(int argc, char **argv) {
             pump(next < end ? next : end, 0);
         }
         double stopped = pump(now_s() + 5, 0.5);  /* drain */
-        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s();
+        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s(), broker1 = broker_cpu_s();
         qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
         double p99 = pct(0.99);
         printf("{\"rate\": %.0f, \"sent\": %ld, \"acked\": %ld, \"lost\": %ld, \"errors\": %ld, "
                "\"acks_per_s\": %.0f, \"expected_deliveries\": %ld, \"delivered\": %ld, "
                "\"lost_deliveries\": %ld, \"p50_ms\": %.2f, \"p99_ms\": %.2f, \"max_ms\": %.2f, "
-               "\"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, \"step_s\": %.3f, "
+               "\"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, \"broker_cpu_s\": %.3f, \"step_s\": %.3f, "
                "\"wall_s\": %.3f, \"compressed\": %d}\n",
                rate, sent, acks, sent - acks, errors_seen, acks / step_s, expected_deliveries,
                deliveries, expected_deliveries - deliveries, pct(0.5), p99, pct(1.0),
-               cpu1 - cpu0, self1 - self0, step_s, stopped - t0, conns[0].compressed);
+               cpu1 - cpu0, self1 - self0, broker1 - broker0, step_s, stopped - t0, conns[0].compressed);
         fflush(stdout);
         if (acks != sent || errors_seen || deliveries != expected_deliveries || p99 >= 100) break;
     }
@@ -454,7 +468,7 @@ static int ingest(int argc, char **argv) {
 static int rooms_scenario(int argc, char **argv) {
     int senders = atoi(argv[7]) * rooms, msg_bytes = atoi(argv[8]), deflate = atoi(argv[10]);
     double step_s = atof(argv[9]);
-    int server_pid = atoi(argv[11]);
+    int server_pid = server_pid_arg(argv[11]);
     if (senders < 1 || senders > nconns) { fprintf(stderr, "bad SENDERS\n"); return 2; }
     if (msg_bytes < 24 || msg_bytes > 120) msg_bytes = 64;
     connect_all(deflate, 180);
@@ -468,7 +482,7 @@ static int rooms_scenario(int argc, char **argv) {
         total_messages = 0;
         nlat = 0;
         long expected = 0, sent = 0;
-        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s();
+        double cpu0 = tree_cpu_s(server_pid), self0 = self_cpu_s(), broker0 = broker_cpu_s();
         double t0 = now_s(), end = t0 + step_s;
         while (now_s() < end) {
             double t = now_s();
@@ -484,15 +498,16 @@ static int rooms_scenario(int argc, char **argv) {
             pump(next < end ? next : end, 0);
         }
         double stopped = pump(now_s() + 5, 0.5);  /* drain */
-        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s();
+        double cpu1 = tree_cpu_s(server_pid), self1 = self_cpu_s(), broker1 = broker_cpu_s();
         qsort(lat_ms, nlat, sizeof *lat_ms, cmp_double);
         double p99 = pct(0.99);
         printf("{\"rate\": %.0f, \"sent\": %ld, \"expected\": %ld, \"received\": %ld, "
                "\"lost\": %ld, \"deliveries_per_s\": %.0f, \"p50_ms\": %.2f, \"p99_ms\": %.2f, "
                "\"max_ms\": %.2f, \"server_cpu_s\": %.3f, \"loadgen_cpu_s\": %.3f, "
+               "\"broker_cpu_s\": %.3f, "
                "\"step_s\": %.3f, \"wall_s\": %.3f, \"compressed\": %d}\n",
                rate, sent, expected, total_messages, expected - total_messages,
-               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0,
+               total_messages / step_s, pct(0.5), p99, pct(1.0), cpu1 - cpu0, self1 - self0, broker1 - broker0,
                step_s, stopped - t0, conns[0].compressed);
         fflush(stdout);
         /* Two failing steps in a row end the ladder: on a shared machine one

@@ -71,8 +71,9 @@ SERVERS = {
     # write per member (baselines/floor.c).
     "floor": ([str(FLOOR), "{port}"], "/"),
 }
-# Scale-out: chatserver over a Redis server that run.py starts (on core 0
-# too: the load generator keeps core 1 to itself).
+# Scale-out: chatserver over a Redis server that run.py starts, a fresh one
+# for each run (on core 0 too: the load generator keeps core 1 to itself).
+# Its CPU is counted apart from the server's (broker_cpu_s in each step).
 SERVERS["redis"] = (SERVERS["chatserver"][0] + ["--broker", "redis://127.0.0.1:{redis}/0"],
                     "/bench")
 SERVERS["redis-workers2"] = (SERVERS["redis"][0] + ["--workers", "2"], "/bench")
@@ -162,7 +163,8 @@ class Server:
         self.store_dir = None
         if any("{store}" in part for part in command):
             self.store_dir = tempfile.mkdtemp(prefix="chatbench-", dir=store_parent())
-        redis = str(redis_port()) if any("{redis}" in part for part in command) else ""
+        self.redis = start_redis() if any("{redis}" in part for part in command) else None
+        redis = str(self.redis[0]) if self.redis else ""
         command = [part.replace("{port}", str(self.port)).replace("{redis}", redis)
                    .replace("{store}", self.store_dir or "") for part in command]
         self.errors = tempfile.TemporaryFile("w+")
@@ -188,6 +190,12 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def cpu_pids(self) -> str:
+        """What the load generator counts CPU for: the server's process tree,
+        and apart from it the broker's (redis-server), if any."""
+        return f"{self.pid},{self.redis[1].pid}" if self.redis else str(self.pid)
+
     def rss_kib(self) -> int:
         with open(f"/proc/{self.pid}/status") as status:
             for line in status:
@@ -203,33 +211,32 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.redis:
+            self.redis[1].terminate()
+            self.redis[1].wait(10)
+            self.redis = None
         if self.store_dir:
             self.store_bytes = sum(f.stat().st_size for f in Path(self.store_dir).iterdir())
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self.store_dir = None
 
 
-_redis: list = []
-
-
-def redis_port() -> int:
-    """Start one redis-server for the run (persistence off), once."""
-    if not _redis:
-        port = free_port()
-        process = subprocess.Popen(["taskset", "-c", "0", "redis-server", "--port", str(port),
-                                    "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                   stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-        _redis.extend([port, process])
-    return _redis[0]
+def start_redis() -> tuple[int, subprocess.Popen]:
+    """Start a redis-server (persistence off): its port and its process."""
+    port = free_port()
+    process = subprocess.Popen(["taskset", "-c", "0", "redis-server", "--port", str(port),
+                                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+    return port, process
 
 
 def raise_fd_limit() -> None:
@@ -254,7 +261,7 @@ def fanout(name: str, options: argparse.Namespace) -> list[dict]:
     server = Server(name)
     try:
         return loadgen("fanout", "127.0.0.1", server.port, server.path, options.clients,
-                       options.senders, 64, options.step, int(options.deflate), server.pid,
+                       options.senders, 64, options.step, int(options.deflate), server.cpu_pids,
                        *options.ladder)
     finally:
         server.stop()
@@ -308,7 +315,7 @@ def rooms(name: str, options: argparse.Namespace) -> list[dict]:
     try:
         return loadgen("rooms", "127.0.0.1", server.port, "/r", options.rooms * options.room_size,
                        options.rooms, options.room_senders, 64, options.step,
-                       int(options.deflate), server.pid, *options.rooms_ladder)
+                       int(options.deflate), server.cpu_pids, *options.rooms_ladder)
     finally:
         server.stop()
 
@@ -362,11 +369,16 @@ def summarize(runs: list[list[dict]], clients: int, at: float = 100_000,
     cpu = [s["server_cpu_s"] / s["received"] * 1e6 for steps in runs for s in steps
            if abs(s["expected"] / s["step_s"] - at) <= 0.1 * at and s["received"]]
     cpu_best = [b["server_cpu_s"] / b["received"] * 1e6 for b in best if b and b["received"]]
+    # redis-server's own, for the redis variants (older result files lack it)
+    broker = [s.get("broker_cpu_s", 0) / s["received"] * 1e6 for steps in runs for s in steps
+              if abs(s["expected"] / s["step_s"] - at) <= 0.1 * at and s["received"]]
     return {
         "max_deliveries_per_s": statistics.median([b["deliveries_per_s"] if b else 0
                                                    for b in best]),
         "reference_deliveries_per_s": at,
         f"cpu_us_per_delivery_at_{suffix}": statistics.median(cpu) if cpu else None,
+        f"broker_cpu_us_per_delivery_at_{suffix}": statistics.median(broker) if any(broker)
+        else None,
         f"p99_ms_at_{suffix}": statistics.median([s["p99_ms"] for s in near if s] or [-1]),
         f"p50_ms_at_{suffix}": statistics.median([s["p50_ms"] for s in near if s] or [-1]),
         "cpu_us_per_delivery_at_best": statistics.median(cpu_best) if cpu_best else None,
@@ -446,14 +458,16 @@ def rooms_table(results: dict, options: argparse.Namespace) -> list[str]:
              f"100 ms. CPU per delivery and latency read at {at:,} deliveries/s."),
             "",
             (f"| server | max sustained deliveries/s | CPU per delivery at {at:,}/s | "
-             f"p50 / p99 at {at:,}/s | CPU per delivery at max |"),
-            "|---|---|---|---|---|"]
+             f"p50 / p99 at {at:,}/s | CPU per delivery at max | redis-server's CPU per "
+             f"delivery at {at:,}/s |"),
+            "|---|---|---|---|---|---|"]
     for name in have:
         r = results["servers"][name]["rooms"]
         cpu, top = r["cpu_us_per_delivery_at_reference"], r["cpu_us_per_delivery_at_best"]
         rows.append(f"| {label(name)} | {r['max_deliveries_per_s']:,.0f} | "
                     f"{f'{cpu:.2f} us' if cpu else 'n/a'} | {r['p50_ms_at_reference']:.1f} / "
-                    f"{r['p99_ms_at_reference']:.1f} ms | {f'{top:.2f} us' if top else 'n/a'} |")
+                    f"{r['p99_ms_at_reference']:.1f} ms | {f'{top:.2f} us' if top else 'n/a'} | "
+                    f"{broker_cell(r.get('broker_cpu_us_per_delivery_at_reference'))} |")
     mine = [n for n in have if n not in BASELINES]
     others = [n for n in have if n in BASELINES]
     if mine and others:
@@ -470,6 +484,10 @@ def rooms_table(results: dict, options: argparse.Namespace) -> list[str]:
                     f"{ratio(ours['max_deliveries_per_s'], theirs['max_deliveries_per_s'])} | "
                     f"{ratio(ours['cpu_us_per_delivery_at_reference'], theirs['cpu_us_per_delivery_at_reference'])} |")
     return rows
+
+
+def broker_cell(us: float | None) -> str:
+    return f"{us:.2f} us" if us else ""
 
 
 def store_table(results: dict) -> list[str]:
@@ -732,8 +750,6 @@ def main() -> None:
             entry["ingest"] = summarize_ingest(runs, options.ingest_reference)
             print(f"{name}: ingest {entry['ingest']['max_acked_lines_per_s']:,.0f} acked "
                   "lines/s", flush=True)
-    if _redis:
-        _redis[1].terminate()
     report = table(results, options)
     results["table"] = report
     Path(options.output).parent.mkdir(exist_ok=True)
