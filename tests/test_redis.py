@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def test_unreachable_redis_at_start_is_a_clear_exit():
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith(f"chatserver: cannot reach the message broker at {url}")
+
+
+def test_broker_without_hiredis_is_a_clear_exit(tmp_path):
+    """The redis extra installs hiredis; a machine that has redis-py alone
+    gets one line that says what to install, not a traceback."""
+    (tmp_path / "hiredis.py").write_text("raise ImportError('No module named hiredis')\n")
+    result = subprocess.run(
+        [sys.executable, "chatserver.py", "--port", "0", "--broker", "redis://127.0.0.1:1/0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "chatserver: --broker needs the redis and hiredis packages "
+        "(pip install chatserver[redis]): No module named hiredis"]
 
 
 # Several processes, one chat ------------------------------------------------
