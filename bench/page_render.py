@@ -9,10 +9,16 @@ Two figures, each the median of several runs on a fresh page:
   2,000 would send it).
 
 The time runs from the arrival of the first of those frames to the end of
-the first animation frame after the last one has been handled, once the
-page's own once-a-frame work (trimming, day separators, scrolling) is done
-and the page is laid out. So it includes up to one frame (16 ms) of waiting
-for the browser's frame clock. The frames come from a small real
+the first animation frame after the last one has been handled: once the
+page's own once-a-frame work (trimming, day separators, scrolling) is done,
+the page is laid out, and the browser has finished that frame (what it does
+after the animation-frame callbacks: style and layout again if anything
+changed, the rows that content-visibility shows as they come into view,
+paint). A task posted from the last animation-frame callback runs only once
+that frame's work is done: its start is the end of the time. So it includes
+up to one frame (16 ms) of waiting for the browser's frame clock. (Before
+the rows away from the view were left out of layout, the time ended in
+the callback, before paint: see README, "The page's rendering".) The frames come from a small real
 `websockets` server in this process; the page is public/ (or --public DIR)
 served over http, as `python -m http.server -d public` does.
 
@@ -53,7 +59,9 @@ window.__bench = { start: 0, end: 0, seen: 0, from: FROM, expect: EXPECT, replay
 const RealSocket = window.WebSocket;
 const finish = (bench) => setTimeout(() => requestAnimationFrame(() => {
   document.documentElement.getBoundingClientRect();  // laid out
-  bench.end = performance.now();
+  const done = new MessageChannel();  // runs once this frame is painted
+  done.port1.onmessage = () => { bench.end = performance.now(); };
+  done.port2.postMessage(null);
 }));
 window.WebSocket = function (...args) {
   const socket = new RealSocket(...args);

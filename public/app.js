@@ -39,6 +39,10 @@
   const WHO_INTERVAL_MS = 5000;   // ...and at most this often, or 20 ms per member in
   const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
   const TS_MAX = 8.64e15;         // the last millisecond a Date can hold
+  const MINUTES_KEPT = 10000;     // minutes already written out, kept for reuse
+  const DAY_LOOKBACK = 50;        // rows a new one looks back for its day's separator
+  const NEAR_ROWS_PER_PX = 1 / 16;  // rows kept laid out at the end: one per 16 px of
+  const NEAR_ROWS_MORE = 10;        // window height (the smallest row is 24), and 10 more
 
   // Close codes, and what each means to the person reading the page.
   // `retry`: whether coming back can help (with backoff).
@@ -257,6 +261,14 @@
     return node;
   }
 
+  // The rows a history or a crowd brings by the thousand are copies of a
+  // blank one (one call to the browser, where making each element is a
+  // few), then filled in, text always as text.
+  function copied(make) {
+    const blank = make();
+    return () => blank.cloneNode(true);
+  }
+
   function dayKey(when) {  // the local day, YYYY-MM-DD
     const pad = (n) => String(n).padStart(2, '0');
     return `${when.getFullYear()}-${pad(when.getMonth() + 1)}-${pad(when.getDate())}`;
@@ -278,19 +290,38 @@
 
   // A time shows the date too unless it is today; relabel() keeps that true
   // after midnight.
-  function timeElement(ts) {
-    const when = Number.isFinite(ts) ? new Date(ts) : new Date();
-    const node = el('time', 'time', timeText(when));
+  function timeElement(when, node = el('time', 'time')) {
+    node.textContent = minuteOf(when).text;
     node.dateTime = when.toISOString();  // the full date shows on hover: see below
     return node;
   }
 
   function timeText(when) {
-    const shown = FORMAT.time.format(when);
-    if (dayKey(when) === clock.today) return shown;
-    const sameYear = when.getFullYear() === new Date().getFullYear();
-    const date = (sameYear ? FORMAT.date : FORMAT.dateYear).format(when);
-    return `${date} ${shown}`;
+    return minuteOf(when).text;
+  }
+
+  // What a time says, and its local day, worked out once per minute: a
+  // history of a thousand lines spans a few dozen minutes, and Intl's
+  // format() and local dates are the costly part of a row. Keyed by the
+  // minute since 1970 (every time zone's offset is in whole minutes since
+  // 1972). Forgotten when the day changes (relabel): "today" is another.
+  const minutes = new Map();
+
+  function minuteOf(when) {
+    const key = Math.floor(when.getTime() / 60000);
+    let minute = minutes.get(key);
+    if (minute === undefined) {
+      const day = dayKey(when);
+      let text = FORMAT.time.format(when);
+      if (day !== clock.today) {
+        const sameYear = when.getFullYear() === new Date().getFullYear();
+        text = `${(sameYear ? FORMAT.date : FORMAT.dateYear).format(when)} ${text}`;
+      }
+      if (minutes.size >= MINUTES_KEPT) minutes.clear();
+      minute = { day, text };
+      minutes.set(key, minute);
+    }
+    return minute;
   }
 
   function dayLabel(key) {
@@ -316,6 +347,7 @@
     const today = dayKey(new Date());
     if (today !== clock.today) {
       clock.today = today;
+      minutes.clear();
       for (const label of ui.messages.querySelectorAll(':scope > li.day')) {
         label.firstElementChild.textContent = dayLabel(label.dataset.day);
       }
@@ -329,8 +361,9 @@
     clock.timer = setTimeout(relabel, next - Date.now());
   }
 
-  function nameElement(name) {
-    const node = el('bdi', `sender hue-${hue(name)}`, name);  // bdi: an RTL name stays put
+  function nameElement(name, node = el('bdi')) {  // bdi: an RTL name stays put
+    node.className = `sender hue-${hue(name)}`;
+    node.textContent = name;
     return node;
   }
 
@@ -368,6 +401,12 @@
   // such as аpple.com with a Cyrillic а), no user name or password, and no
   // bidi or zero-width characters that could disguise it.
   const URL_IN_TEXT = /\bhttps?:\/\/[^\s<>"'`]+/gi;
+  const LINK = copied(() => {
+    const anchor = el('a', 'link');
+    anchor.target = '_blank';
+    anchor.rel = 'noopener noreferrer';
+    return anchor;
+  });
   const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
   function richText(text) {
     const fragment = document.createDocumentFragment();
@@ -380,17 +419,16 @@
         if (url.protocol !== 'http:' && url.protocol !== 'https:') url = null;
       } catch { /* not a URL after all: leave it as text */ }
       if (!url) continue;
-      url.username = '';
-      url.password = '';
-      fragment.append(text.slice(at, match.index));
-      const anchor = el('a', 'link', linkText(candidate, url));
+      if (url.username) url.username = '';
+      if (url.password) url.password = '';
+      if (match.index > at) fragment.append(text.slice(at, match.index));
+      const anchor = LINK();
+      anchor.textContent = linkText(candidate, url);
       anchor.href = url.href;
-      anchor.target = '_blank';
-      anchor.rel = 'noopener noreferrer';
       fragment.append(anchor);
       at = match.index + candidate.length;
     }
-    fragment.append(text.slice(at));
+    if (at < text.length) fragment.append(text.slice(at));
     return fragment;
   }
 
@@ -412,25 +450,40 @@
     return url;
   }
 
-  function stamp(row, frame) {
-    row.dataset.sender = frame.id;
-    if (frame.verified === true) row.dataset.verified = '1';
-    if (Number.isInteger(frame.seq)) row.dataset.seq = frame.seq;
-    row.dataset.day = dayKey(Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date());
+  // A message row's sender, standing, seq and day as attributes, and its
+  // time, in `time` and kept for grouping (see continues).
+  const rowTimes = new WeakMap();
+
+  function stamp(row, frame, time) {
+    const when = Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date();
+    row.setAttribute('data-sender', frame.id);
+    if (frame.verified === true) row.setAttribute('data-verified', '1');
+    if (Number.isInteger(frame.seq)) row.setAttribute('data-seq', frame.seq);
+    row.setAttribute('data-day', minuteOf(when).day);
+    rowTimes.set(row, when.getTime());
+    timeElement(when, time);
   }
 
-  function chatRow(frame, own) {
-    const row = el('li', `msg${own ? ' own' : ''}`);
-    stamp(row, frame);
+  const CHAT_ROW = copied(() => {
+    const row = el('li', 'msg');
     const head = el('div', 'msg-head');
-    head.append(nameElement(frame.id));
-    if (frame.verified === true) head.append(verifiedBadge());
-    if (own) head.append(el('span', 'you', 'you'));
-    head.append(timeElement(frame.ts));
+    head.append(el('bdi'), el('time', 'time'));
     const text = el('div', 'text');
     text.dir = 'auto';
-    text.append(richText(frame.message));
     row.append(head, text);
+    return row;
+  });
+
+  function chatRow(frame, own) {
+    const row = CHAT_ROW();
+    if (own) row.className = 'msg own';
+    const head = row.firstChild;
+    const time = head.lastChild;
+    stamp(row, frame, time);
+    nameElement(frame.id, head.firstChild);
+    if (frame.verified === true) time.before(verifiedBadge());
+    if (own) time.before(el('span', 'you', 'you'));
+    row.lastChild.append(richText(frame.message));
     if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
@@ -443,7 +496,8 @@
 
   function actionRow(frame, own) {
     const row = el('li', `msg action${own ? ' own' : ''}`);
-    stamp(row, frame);
+    const time = el('time', 'time');
+    stamp(row, frame, time);
     const text = el('div', 'text');
     const body = el('span', 'action-text');
     body.dir = 'auto';
@@ -451,7 +505,7 @@
     text.append(el('span', 'action-mark', '✱ '), nameElement(frame.id));
     if (frame.verified === true) text.append(verifiedBadge());
     text.append(' ', body);
-    row.append(text, timeElement(frame.ts));
+    row.append(text, time);
     if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
@@ -495,12 +549,21 @@
 
   // System notices come only from the server's "sys" frames or from the page
   // itself, and look nothing like a chat line: no sender, centred, marked.
-  function noticeRow(message, kind, ts) {
-    const row = el('li', `notice notice-${kind}`);  // no day: separators are for messages
-    row.append(el('span', 'visually-hidden', kind === 'error' ? 'Error: ' : 'Notice: '));
-    const text = el('span', 'text', message);
+  const NOTICE_ROW = copied(() => {
+    const row = el('li');  // no day: separators are for messages
+    const text = el('span', 'text');
     text.dir = 'auto';
-    row.append(text, timeElement(ts));
+    row.append(el('span', 'visually-hidden'), text, el('time', 'time'));
+    return row;
+  });
+
+  function noticeRow(message, kind, ts) {
+    const row = NOTICE_ROW();
+    row.className = `notice notice-${kind}`;
+    const [said, text, time] = row.children;
+    said.textContent = kind === 'error' ? 'Error: ' : 'Notice: ';
+    text.textContent = message;
+    timeElement(Number.isFinite(ts) ? new Date(ts) : new Date(), time);
     return row;
   }
 
@@ -512,6 +575,8 @@
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
     list.insertBefore(row, mine ? null : placeFor(row));
+    keepNear(row);
+    if (row.hasAttribute('data-day')) separateDay(row);
     group(row);
     if (row.nextElementSibling) group(row.nextElementSibling);
     if (mine) view.atBottom = true;
@@ -522,7 +587,7 @@
 
   // The conversation sticks to its newest line unless the reader scrolled up
   // to read, also when the window (or a phone's keyboard) changes its size.
-  const view = { atBottom: true, frame: 0 };
+  const view = { atBottom: true, frame: 0, endTop: -1 };
 
   // A hidden tab gets no animation frames: a timer then, so that a busy
   // room's rows are still trimmed while nobody looks.
@@ -563,6 +628,70 @@
     if (view.atBottom) scrollToEnd();
   }
 
+  // The rows before the newest screenful or two are laid out only once they
+  // come near the view (style.css, .far): a history of a thousand rows
+  // costs the rows in view, not a thousand. The newest rows shown stay laid
+  // out, so that the end, where the view sits, is exactly where it seems.
+  // Done as each row comes, not once a frame: the browser may lay the page
+  // out before the frame's callbacks run, and would lay out every new row.
+  const nearRows = [];  // the newest rows shown, oldest first
+  const near = { count: 0 };  // how many: enough to fill the window's height
+
+  function keepNear(row) {
+    nearRows.push(row);
+    while (nearRows.length > near.count) {
+      const far = nearRows.shift();
+      far.classList.add('far');
+      farSizes.observe(far);
+    }
+  }
+
+  // A far row takes its real height when it is first laid out, as it comes
+  // into view: from an estimate, often another. One above the view would
+  // move what the reader is looking at (scrolling up, rows would jump past),
+  // so the page keeps the reader's place itself, as it does when old rows
+  // go (no scroll anchoring: see style.css), and at the end it stays there.
+  // Called after layout, before paint: nothing is seen to move.
+  const farHeights = new WeakMap();
+  const farSizes = new ResizeObserver((entries) => {
+    const list = ui.messages;
+    const top = list.getBoundingClientRect().top;
+    let shift = 0;
+    for (const { target: row, borderBoxSize: [size] } of entries) {
+      if (!row.isConnected) {  // gone (trimmed, deleted, another room)
+        farSizes.unobserve(row);
+        continue;
+      }
+      const before = farHeights.get(row);
+      farHeights.set(row, size.blockSize);
+      if (before !== undefined && row.getBoundingClientRect().top < top) shift += size.blockSize - before;
+    }
+    if (view.atBottom) scrollToEnd();
+    else if (shift) list.scrollTop += shift;
+  });
+
+  function countNear() {
+    near.count = Math.ceil(window.innerHeight * NEAR_ROWS_PER_PX) + NEAR_ROWS_MORE;
+  }
+
+  countNear();
+  window.addEventListener('resize', countNear);
+
+  // A row that starts a day gets its separator as it comes: mendDays would
+  // put it in the next frame, and every row below it would be laid out
+  // again. Where the day above is not found nearby, mendDays decides.
+  function separateDay(row) {
+    const day = row.getAttribute('data-day');
+    let node = row.previousElementSibling;
+    for (let i = 0; node; i += 1, node = node.previousElementSibling) {
+      if (i === DAY_LOOKBACK) return;
+      const above = node.getAttribute('data-day');
+      if (above === day) return;  // its day's separator, or a message of that day
+      if (above !== null) break;  // a message of another day
+    }
+    ui.messages.insertBefore(daySeparator(day), row);
+  }
+
   // One separator above the first row of each day, and no other.
   function mendDays() {
     let lastDay = null;
@@ -592,7 +721,9 @@
   }
 
   function scrollToEnd() {
-    ui.messages.scrollTop = ui.messages.scrollHeight;
+    const list = ui.messages;
+    list.scrollTop = list.scrollHeight;
+    view.endTop = list.scrollTop;  // see the scroll listener
     view.atBottom = true;
     ui.jump.hidden = true;
   }
@@ -619,14 +750,18 @@
   }
 
   function group(row) {
-    row.classList.toggle('continued', continues(row.previousElementSibling, row));
+    const continued = continues(row.previousElementSibling, row);
+    if (row.classList.contains('continued') === continued) return;
+    row.classList.toggle('continued', continued);
+    // A change of height the page makes, not one for farSizes to make up for
+    // (trimming keeps the reader's place with it already): a new start.
+    farHeights.delete(row);
   }
 
   function continues(previous, row) {
     if (!previous || !row.classList.contains('msg') || row.classList.contains('action')) return false;
     if (!previous.classList.contains('msg') || previous.classList.contains('action')) return false;
-    const gap = Date.parse(row.querySelector('time').dateTime)
-      - Date.parse(previous.querySelector('time').dateTime);
+    const gap = rowTimes.get(row) - rowTimes.get(previous);
     // Same name and same standing: a guest who took a verified member's name
     // after it left must not pass as the rest of its block (no head, no badge).
     return previous.dataset.sender === row.dataset.sender
@@ -673,10 +808,17 @@
   const collator = new Intl.Collator(undefined, { sensitivity: 'base' });
   const people = { sorted: [], items: new Map() };
 
+  const PERSON_ITEM = copied(() => {
+    const item = el('li', 'person');
+    item.append(el('span', 'presence', ''), el('bdi'));
+    return item;
+  });
+
   function personItem(name) {
-    const item = el('li', name === chat.name ? 'person own' : 'person');
-    item.dataset.name = name;
-    item.append(el('span', 'presence', ''), nameElement(name));
+    const item = PERSON_ITEM();
+    if (name === chat.name) item.className = 'person own';
+    item.setAttribute('data-name', name);
+    nameElement(name, item.lastChild);
     if (chat.verified.has(name)) item.append(verifiedBadge());
     if (name === chat.name) item.append(el('span', 'you', 'you'));
     else if (chat.mod) item.append(modButton(`Moderate ${name}`));
@@ -792,17 +934,21 @@
     gap: { missed: [isCount, false] },
   };
   const COMMON = { message: [isText, true], ts: [isTs, false], room: [isText, false] };
+  // The same as lists of [field, check, required], made once, not per frame.
+  const asRules = (fields) => Object.entries(fields)
+    .map(([field, [check, required]]) => [field, check, required]);
+  const COMMON_RULES = asRules(COMMON);
+  const RULES = new Map(Object.entries(FIELDS)
+    .map(([kind, fields]) => [kind, asRules({ ...COMMON, ...fields })]));
 
   function valid(frame) {
     if (!frame || typeof frame !== 'object' || Array.isArray(frame)) return false;
-    let fields;
-    if (frame.type === 'user') fields = FIELDS.user;
-    else if (frame.type === 'sys' && isText(frame.event)) fields = FIELDS[frame.event] || {};
+    let rules;
+    if (frame.type === 'user') rules = RULES.get('user');
+    else if (frame.type === 'sys' && isText(frame.event)) rules = RULES.get(frame.event) || COMMON_RULES;
     else return false;
-    for (const rules of [COMMON, fields]) {
-      for (const [field, [check, required]] of Object.entries(rules)) {
-        if (frame[field] === undefined ? required : !check(frame[field])) return false;
-      }
+    for (const [field, check, required] of rules) {
+      if (frame[field] === undefined ? required : !check(frame[field])) return false;
     }
     return true;
   }
@@ -1227,7 +1373,7 @@
       if (!echo.classList.contains('own')) {
         const row = messageRow({ ...message, id: echo.dataset.sender,
           verified: echo.dataset.verified === '1',
-          ts: Date.parse(echo.querySelector('time').dateTime) }, true);
+          ts: rowTimes.get(echo) }, true);
         echo.replaceWith(row);
         group(row);
       }
@@ -1901,6 +2047,7 @@
     earlyRows.clear();
     setOnline([]);
     ui.messages.replaceChildren();
+    nearRows.length = 0;
     view.atBottom = true;
   }
 
@@ -1918,8 +2065,14 @@
 
   // Scrolling, titles, network hints
 
+  // The reader scrolled, or the browser did (rows went): are we at the end?
+  // Not when the scroll is the page's own to the end (scrollToEnd): its
+  // event comes a frame later, when more rows of a long history may have
+  // come meanwhile, and the view would stop following them half-way.
   ui.messages.addEventListener('scroll', () => {
     const list = ui.messages;
+    if (list.scrollTop === view.endTop) return;
+    view.endTop = -1;
     view.atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 48;
     if (view.atBottom) ui.jump.hidden = true;
   });

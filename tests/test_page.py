@@ -619,6 +619,103 @@ def test_trimming_old_rows_keeps_the_readers_place_and_every_sender_line(open_pa
         server.kill()
 
 
+# Bug 14: rendering a thousand rows ----------------------------------------------------------
+
+# Every message row in the list's view: its seq, and whether the browser has
+# laid it out and painted its inside (a row away from the view is not, under
+# content-visibility, until it comes near: a frame or two after a scroll).
+ROWS_IN_VIEW = """() => {
+  const list = document.getElementById('messages');
+  const box = list.getBoundingClientRect();
+  const rows = [];
+  for (const row of list.querySelectorAll(':scope > li.msg')) {
+    const r = row.getBoundingClientRect();
+    if (r.bottom <= box.top || r.top >= box.bottom) continue;
+    rows.push([row.dataset.seq,
+               row.querySelector('.text').checkVisibility({ contentVisibilityAuto: true })]);
+  }
+  return { rows, top: list.scrollTop, height: list.clientHeight,
+           gap: list.scrollHeight - list.scrollTop - list.clientHeight,
+           below: list.lastElementChild.getBoundingClientRect().bottom - box.bottom };
+}"""
+ALL_SHOWN = f"() => ({ROWS_IN_VIEW})().rows.every(([seq, shown]) => shown)"
+
+
+def test_a_long_history_opens_at_its_end_and_scrolls_up_to_every_row(open_page, site):
+    # 1,000 rows at once, of different heights (every tenth line wraps over
+    # several lines), in a room of 1,000. The page lays out only the rows
+    # near the view (content-visibility): the view must still open exactly
+    # at the end, scrolling up must show every row laid out, and a
+    # moderator's button beside an old bubble must not be clipped.
+    rows = 1000
+    crowd = [f"member{n:04}" for n in range(rows)]
+
+    def line(seq: int) -> str:
+        if seq % 10 == 0:
+            return f"line {seq}\n" + "a long line that wraps " * 15 + "\nits end"
+        return f"line {seq}"
+
+    async def handler(ws, path):
+        start = now_ms() - rows * 1000
+        await ws.send(json.dumps({**welcome(name="me", online=["me", *crowd], seq=rows),
+                                  "mod": True}))
+        for seq in range(1, rows + 1):
+            await ws.send(json.dumps(user(seq, ("ann", "bob")[seq % 3 == 0], line(seq),
+                                          start + seq * 1000)))
+        await read_all(ws, server)
+
+    server = FakeServer(handler)
+    try:
+        page = open_page(page_url(site, server=server.url, name="me"))
+        page.wait_online()
+        expect(page.chat_texts.last).to_contain_text("line 1000")
+        expect(page.chat_lines).to_have_count(rows)
+
+        # At the end, exactly: the last row shows whole, nothing below it.
+        page.page.wait_for_function(ALL_SHOWN)
+        view = page.page.evaluate(ROWS_IN_VIEW)
+        assert view["gap"] <= 1 and view["below"] <= 0, view
+        assert view["rows"][-1] == [str(rows), True], view["rows"][-3:]
+
+        # Up to the top, a little less than a screenful at a time: every row
+        # passes through the view, and is laid out and painted there. (Rows
+        # above the view take their real height as they come: the view must
+        # not jump past any.)
+        seen: set[str] = set()
+        for _ in range(2000):
+            page.page.wait_for_function(ALL_SHOWN)
+            view = page.page.evaluate(ROWS_IN_VIEW)
+            seen.update(seq for seq, _ in view["rows"])
+            if view["top"] == 0:
+                break
+            page.page.evaluate(
+                "(by) => { document.getElementById('messages').scrollTop -= by; }",
+                int(view["height"] * 0.8))
+        assert seen == {str(seq) for seq in range(1, rows + 1)}
+
+        # The oldest row's moderator button shows beside its bubble, where
+        # a click reaches it.
+        first = page.chat_lines.first
+        first.hover()
+        button = first.locator(".mod-button")
+        expect(button).to_have_css("opacity", "1")
+        assert button.evaluate("""(button) => { const r = button.getBoundingClientRect();
+            return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === button; }""")
+
+        # The last of a crowd of names shows when the list is scrolled to it.
+        page.page.evaluate("const people = document.querySelector('.people');"
+                           "people.scrollTop = people.scrollHeight")
+        page.page.wait_for_function("""() => {
+            const item = [...document.querySelectorAll('#online .person')].at(-1);
+            const r = item.getBoundingClientRect();
+            const hit = document.elementFromPoint(r.x + 20, r.y + r.height / 2);
+            return item.dataset.name === 'member0999' && r.bottom <= innerHeight
+              && item.querySelector('.sender').checkVisibility({ contentVisibilityAuto: true })
+              && item.contains(hit); }""")
+    finally:
+        server.stop()
+
+
 # Bug 10: link text, bug 11: input methods -------------------------------------------------
 
 
