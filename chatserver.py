@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -1339,6 +1340,10 @@ class Unconfirmed(Unavailable):
     reconnects and resends its unacked lines, and their cids make that safe."""
 
 
+# How a post started with Rooms.post_soon ends: (seq, None) or (None, why not).
+Posted = Callable[[int | None, Unavailable | None], None]
+
+
 class Rooms:
     """What the connection layer needs from where rooms live.
 
@@ -1398,6 +1403,15 @@ class Rooms:
         """Number and keep a chat message as safely as this back-end can,
         then publish it; return its seq.  With a cid, at most once per
         session: a cid already remembered returns the seq it got then."""
+        raise NotImplementedError
+
+    def post_soon(self, member: Member, text: str, action: bool, cid: str | None,
+                  done: Posted) -> None:
+        """`post`, for a back-end that pipelines, without a coroutine: start
+        it now, and call `done(seq, None)` once it is published, or
+        `done(None, Unavailable)`, on the event loop (perhaps at once).  The
+        connection layer posts plain chat lines this way: no task and no
+        future per line."""
         raise NotImplementedError
 
     async def rename(self, member: Member, new: str) -> str | None:
@@ -1693,6 +1707,14 @@ class Client(asyncio.Protocol):
         self.inbox_chars = 0
         self.inbox_ready: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        # With a back-end that pipelines, chat lines that come while the
+        # task is idle are started at once (ChatServer.start_line): the
+        # answers of those on their way, in order, each a list that gets
+        # its Outgoing when known; and a future the task waits on until
+        # they are all sent, before it takes a line of its own.
+        self.idle = False
+        self.unanswered: collections.deque[list[Outgoing]] = collections.deque()
+        self.drained: asyncio.Future | None = None
 
     # asyncio.Protocol
 
@@ -2033,7 +2055,13 @@ class ChatServer:
             if not client.inbox:
                 client.resume("lines")
                 client.inbox_ready.clear()
+                client.idle = self.rooms.pipelines  # chat lines need no task now
                 await client.inbox_ready.wait()
+                client.idle = False
+                continue
+            if client.unanswered:  # lines started without the task go first
+                client.drained = asyncio.get_running_loop().create_future()
+                await client.drained
                 continue
             if self.rooms.pipelines:
                 # Start every waiting line now, in order (a back-end that
@@ -2072,6 +2100,8 @@ class ChatServer:
 
     def on_line(self, client: Client, line: str) -> None:
         self.metrics.messages_received += 1
+        if client.idle and not client.inbox and self.start_line(client, line):
+            return
         if client.inbox is not None:
             client.inbox.append(line)
             client.inbox_chars += len(line)
@@ -2082,6 +2112,63 @@ class ChatServer:
                 client.pause("lines")
         else:
             self.after_line(client, run_now(self.take_line(client, line)))
+
+    def start_line(self, client: Client, text: str) -> bool:
+        """Start a chat line now, without the client's task (idle), with a
+        back-end that pipelines: a task step, a task and a future less per
+        line.  Its answer goes out after those of the lines started before
+        it (`unanswered`).  False if it is not a plain chat line (a command,
+        a blank, a malformed frame): the task takes it, as any other."""
+        member = client.member
+        if not member.is_here() or member.close_with is not None:
+            return False
+        cid, line = None, text
+        if client.acks:
+            cid, line, problem = unwrap(text)
+            if problem is not None:
+                return False
+        if not line.strip() or line[0] == "/" and not line.startswith("//"):
+            return False
+        # Now Post, or Refuse (flooding, too long): what Rooms.receive does
+        # with them, without awaiting anything.
+        decision = self.chat.decide(member, line)
+        answer: list[Outgoing] = []
+        client.unanswered.append(answer)
+        if len(client.unanswered) >= INBOX_LINES:
+            client.pause("answers")  # as for lines waiting for the task
+        room = member.room.name
+        if isinstance(decision, Post):
+            self.rooms.post_soon(member, decision.text, decision.action, cid,
+                                 functools.partial(self.posted, client, answer, room, cid))
+        else:
+            shown = cid is not None or decision.shown
+            answer.append([(member, encode(error(room, decision.message, cid)))] if shown else [])
+            self.send_answers(client)
+        return True
+
+    def posted(self, client: Client, answer: list[Outgoing], room: str, cid: str | None,
+               seq: int | None, problem: Unavailable | None) -> None:
+        """A line that start_line began is posted, or not: its answer."""
+        out: Outgoing = []
+        if problem is not None:
+            out = [(client.member, encode(error(room, str(problem), cid)))]
+        elif cid is not None:
+            out = [(client.member, encode(ack(room, cid, seq)))]
+        answer.append(out)
+        self.send_answers(client)
+
+    def send_answers(self, client: Client) -> None:
+        """Send the answers of lines that start_line began, in order, as far
+        as they are known."""
+        unanswered = client.unanswered
+        while unanswered and unanswered[0]:
+            self.after_line(client, unanswered.popleft()[0])
+        if len(unanswered) < INBOX_LINES:
+            client.resume("answers")
+        if not unanswered and client.drained is not None:
+            if not client.drained.done():
+                client.drained.set_result(None)
+            client.drained = None
 
     async def take_line(self, client: Client, text: str) -> Outgoing:
         """Carry out one text frame from `client`: what it gets back."""
