@@ -420,6 +420,9 @@ class Room:
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
     sent_at: float = float("-inf")  # when the fan-out last sent its frames (loop time)
+    # Acks for members, framed, that go with the room's next send (see
+    # ChatServer.after_line): one write to the sender rather than two.
+    acks: dict[Member, bytes] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.history = collections.deque()
@@ -1306,17 +1309,33 @@ class Fanout:
         if room.joining and for_joiners:
             return  # `joining` publishes when the newcomer is in
         frames = room.take_pending()
-        if not frames:
+        if not frames and not room.acks:
             return
         data = b"".join(map(frame_text, frames))
         room.sent_at = self.loop().time()
-        # The hot loop: one write per member, the same bytes for all.  Writes
-        # never remove members (that waits for connection_lost), so the dict
-        # can be walked as it is.
-        for member in room.members.values():
-            member.connection.write(data)
+        if room.acks:
+            self.send_with_acks(room, data)
+        else:
+            # The hot loop: one write per member, the same bytes for all.
+            # Writes never remove members (that waits for connection_lost),
+            # so the dict can be walked as it is.
+            for member in room.members.values():
+                member.connection.write(data)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
+
+    def send_with_acks(self, room: Room, data: bytes) -> None:
+        """The room's frames to every member, after the acks it holds for
+        some: in the order they would have had if each ack had been sent at
+        once."""
+        acks, room.acks = room.acks, {}
+        for member in room.members.values():
+            held = acks.pop(member, b"")
+            if data or held:
+                member.connection.write(held + data)
+        for member, held in acks.items():  # it left the room meanwhile
+            if member.connection is not None:
+                member.connection.write(held)
 
 
 # Where rooms live: the back-end seam --------------------------------------
@@ -1452,8 +1471,9 @@ class Rooms:
         """Close the connection of a member a moderator removed, after the
         room's kick `notice` (which says whether it is a ban, and until when)."""
         if member.connection is not None:
-            if notice:
-                member.connection.write(frame_text(notice))
+            held = member.room.acks.pop(member, b"")  # acks due before the notice
+            if notice or held:
+                member.connection.write(held + (frame_text(notice) if notice else b""))
             words = f"removed by {by}" + (f": {reason}" if reason else "")
             member.connection.close(CLOSE_KICKED, words.encode()[:120].decode(errors="ignore"))
 
@@ -2184,10 +2204,20 @@ class ChatServer:
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
-        if member.room.pending and any(b'"event":"ack"' not in data for _, data in out):
-            # An answer must not overtake the sender's earlier lines, which
-            # may wait in the room's batch: they go first.  (An ack may.)
-            self.rooms.fanout.flush(member.room)
+        room = member.room
+        if room.pending and out:
+            if any(b'"event":"ack"' not in data for _, data in out):
+                # An answer must not overtake the sender's earlier lines,
+                # which may wait in the room's batch: they go first.
+                self.rooms.fanout.flush(room)
+            elif member.close_with is None:
+                # Acks alone wait for the room's next send, which usually
+                # brings the line's own message, and go first in it: one
+                # write to the sender rather than two, in the same order.
+                # That send is due within this turn or --batch-window.
+                room.acks[member] = room.acks.get(member, b"") + b"".join(
+                    frame_text(data) for _, data in out)
+                out = []
         self.send(client, out)
         if member.room.pending:
             self.rooms.fanout.publish(member.room)
