@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -419,6 +420,9 @@ class Room:
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
     sent_at: float = float("-inf")  # when the fan-out last sent its frames (loop time)
+    # Acks for members, framed, that go with the room's next send (see
+    # ChatServer.after_line): one write to the sender rather than two.
+    acks: dict[Member, bytes] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.history = collections.deque()
@@ -1305,17 +1309,33 @@ class Fanout:
         if room.joining and for_joiners:
             return  # `joining` publishes when the newcomer is in
         frames = room.take_pending()
-        if not frames:
+        if not frames and not room.acks:
             return
         data = b"".join(map(frame_text, frames))
         room.sent_at = self.loop().time()
-        # The hot loop: one write per member, the same bytes for all.  Writes
-        # never remove members (that waits for connection_lost), so the dict
-        # can be walked as it is.
-        for member in room.members.values():
-            member.connection.write(data)
+        if room.acks:
+            self.send_with_acks(room, data)
+        else:
+            # The hot loop: one write per member, the same bytes for all.
+            # Writes never remove members (that waits for connection_lost),
+            # so the dict can be walked as it is.
+            for member in room.members.values():
+                member.connection.write(data)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
+
+    def send_with_acks(self, room: Room, data: bytes) -> None:
+        """The room's frames to every member, after the acks it holds for
+        some: in the order they would have had if each ack had been sent at
+        once."""
+        acks, room.acks = room.acks, {}
+        for member in room.members.values():
+            held = acks.pop(member, b"")
+            if data or held:
+                member.connection.write(held + data)
+        for member, held in acks.items():  # it left the room meanwhile
+            if member.connection is not None:
+                member.connection.write(held)
 
 
 # Where rooms live: the back-end seam --------------------------------------
@@ -1337,6 +1357,10 @@ class Unconfirmed(Unavailable):
     """The back-end may have carried the request out, or not (Redis did not
     answer).  The client is closed with 1013 rather than told "not sent": it
     reconnects and resends its unacked lines, and their cids make that safe."""
+
+
+# How a post started with Rooms.post_soon ends: (seq, None) or (None, why not).
+Posted = Callable[[int | None, Unavailable | None], None]
 
 
 class Rooms:
@@ -1400,6 +1424,15 @@ class Rooms:
         session: a cid already remembered returns the seq it got then."""
         raise NotImplementedError
 
+    def post_soon(self, member: Member, text: str, action: bool, cid: str | None,
+                  done: Posted) -> None:
+        """`post`, for a back-end that pipelines, without a coroutine: start
+        it now, and call `done(seq, None)` once it is published, or
+        `done(None, Unavailable)`, on the event loop (perhaps at once).  The
+        connection layer posts plain chat lines this way: no task and no
+        future per line."""
+        raise NotImplementedError
+
     async def rename(self, member: Member, new: str) -> str | None:
         """Rename `member`, announcing it; or return why not."""
         raise NotImplementedError
@@ -1438,8 +1471,9 @@ class Rooms:
         """Close the connection of a member a moderator removed, after the
         room's kick `notice` (which says whether it is a ban, and until when)."""
         if member.connection is not None:
-            if notice:
-                member.connection.write(frame_text(notice))
+            held = member.room.acks.pop(member, b"")  # acks due before the notice
+            if notice or held:
+                member.connection.write(held + (frame_text(notice) if notice else b""))
             words = f"removed by {by}" + (f": {reason}" if reason else "")
             member.connection.close(CLOSE_KICKED, words.encode()[:120].decode(errors="ignore"))
 
@@ -1693,6 +1727,14 @@ class Client(asyncio.Protocol):
         self.inbox_chars = 0
         self.inbox_ready: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        # With a back-end that pipelines, chat lines that come while the
+        # task is idle are started at once (ChatServer.start_line): the
+        # answers of those on their way, in order, each a list that gets
+        # its Outgoing when known; and a future the task waits on until
+        # they are all sent, before it takes a line of its own.
+        self.idle = False
+        self.unanswered: collections.deque[list[Outgoing]] = collections.deque()
+        self.drained: asyncio.Future | None = None
 
     # asyncio.Protocol
 
@@ -2037,7 +2079,13 @@ class ChatServer:
             if not client.inbox:
                 client.resume("lines")
                 client.inbox_ready.clear()
+                client.idle = self.rooms.pipelines  # chat lines need no task now
                 await client.inbox_ready.wait()
+                client.idle = False
+                continue
+            if client.unanswered:  # lines started without the task go first
+                client.drained = asyncio.get_running_loop().create_future()
+                await client.drained
                 continue
             if self.rooms.pipelines:
                 # Start every waiting line now, in order (a back-end that
@@ -2076,6 +2124,8 @@ class ChatServer:
 
     def on_line(self, client: Client, line: str) -> None:
         self.metrics.messages_received += 1
+        if client.idle and not client.inbox and self.start_line(client, line):
+            return
         if client.inbox is not None:
             client.inbox.append(line)
             client.inbox_chars += len(line)
@@ -2086,6 +2136,63 @@ class ChatServer:
                 client.pause("lines")
         else:
             self.after_line(client, run_now(self.take_line(client, line)))
+
+    def start_line(self, client: Client, text: str) -> bool:
+        """Start a chat line now, without the client's task (idle), with a
+        back-end that pipelines: a task step, a task and a future less per
+        line.  Its answer goes out after those of the lines started before
+        it (`unanswered`).  False if it is not a plain chat line (a command,
+        a blank, a malformed frame): the task takes it, as any other."""
+        member = client.member
+        if not member.is_here() or member.close_with is not None:
+            return False
+        cid, line = None, text
+        if client.acks:
+            cid, line, problem = unwrap(text)
+            if problem is not None:
+                return False
+        if not line.strip() or line[0] == "/" and not line.startswith("//"):
+            return False
+        # Now Post, or Refuse (flooding, too long): what Rooms.receive does
+        # with them, without awaiting anything.
+        decision = self.chat.decide(member, line)
+        answer: list[Outgoing] = []
+        client.unanswered.append(answer)
+        if len(client.unanswered) >= INBOX_LINES:
+            client.pause("answers")  # as for lines waiting for the task
+        room = member.room.name
+        if isinstance(decision, Post):
+            self.rooms.post_soon(member, decision.text, decision.action, cid,
+                                 functools.partial(self.posted, client, answer, room, cid))
+        else:
+            shown = cid is not None or decision.shown
+            answer.append([(member, encode(error(room, decision.message, cid)))] if shown else [])
+            self.send_answers(client)
+        return True
+
+    def posted(self, client: Client, answer: list[Outgoing], room: str, cid: str | None,
+               seq: int | None, problem: Unavailable | None) -> None:
+        """A line that start_line began is posted, or not: its answer."""
+        out: Outgoing = []
+        if problem is not None:
+            out = [(client.member, encode(error(room, str(problem), cid)))]
+        elif cid is not None:
+            out = [(client.member, encode(ack(room, cid, seq)))]
+        answer.append(out)
+        self.send_answers(client)
+
+    def send_answers(self, client: Client) -> None:
+        """Send the answers of lines that start_line began, in order, as far
+        as they are known."""
+        unanswered = client.unanswered
+        while unanswered and unanswered[0]:
+            self.after_line(client, unanswered.popleft()[0])
+        if len(unanswered) < INBOX_LINES:
+            client.resume("answers")
+        if not unanswered and client.drained is not None:
+            if not client.drained.done():
+                client.drained.set_result(None)
+            client.drained = None
 
     async def take_line(self, client: Client, text: str) -> Outgoing:
         """Carry out one text frame from `client`: what it gets back."""
@@ -2101,10 +2208,20 @@ class ChatServer:
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
-        if member.room.pending and any(b'"event":"ack"' not in data for _, data in out):
-            # An answer must not overtake the sender's earlier lines, which
-            # may wait in the room's batch: they go first.  (An ack may.)
-            self.rooms.fanout.flush(member.room)
+        room = member.room
+        if room.pending and out:
+            if any(b'"event":"ack"' not in data for _, data in out):
+                # An answer must not overtake the sender's earlier lines,
+                # which may wait in the room's batch: they go first.
+                self.rooms.fanout.flush(room)
+            elif member.close_with is None:
+                # Acks alone wait for the room's next send, which usually
+                # brings the line's own message, and go first in it: one
+                # write to the sender rather than two, in the same order.
+                # That send is due within this turn or --batch-window.
+                room.acks[member] = room.acks.get(member, b"") + b"".join(
+                    frame_text(data) for _, data in out)
+                out = []
         self.send(client, out)
         if member.room.pending:
             self.rooms.fanout.publish(member.room)

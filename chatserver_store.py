@@ -25,15 +25,18 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import queue
 import sqlite3
 import threading
 import time
 import weakref
+from typing import Callable
 
 from chatserver import (CID_MEMORY_LINES, Ban, Chat, Config, Fanout, Member, MemoryRooms,
-                        Outgoing, Ticket, Unavailable, chat, encode, session_keep_s)
+                        Outgoing, Posted, Room, Ticket, Unavailable, chat, encode,
+                        session_keep_s)
 
 log = logging.getLogger("chatserver")
 
@@ -45,6 +48,16 @@ SPENT_KEYS = 10_000  # keys spent lately, refused even if the disk still has the
 # fsync carries more lines (a lone line after a quiet spell never waits).
 COMMIT_INTERVAL_S = 0.004
 CACHE_KIB = 16384
+# The WAL is copied into the database (a checkpoint) once it holds this many
+# pages, 40 MiB: each line rewrites a page of its room and one of its
+# session, the same few thousand pages again and again, and a checkpoint
+# copies each page once however often it changed (SQLite's default, 1,000
+# pages, copied the busiest ones ten times as often: a quarter more CPU).
+CHECKPOINT_PAGES = 10_000
+# A room's old messages are deleted once this many are past --history, in
+# one statement, rather than one by one with every message: a room keeps at
+# most --history + TRIM_MESSAGES rows (a load reads only the last --history).
+TRIM_MESSAGES = 32
 
 BANS_TABLE = """
 CREATE TABLE bans (            -- moderators' bans (chatserver.Ban)
@@ -100,14 +113,20 @@ class StoredRoom:
     topic: str = ""
 
 
+Done = Callable[[object, "Unavailable | None"], None]  # (result, None) or (None, why not)
+
+
 class Store:
     """The SQLite database at `path`, used from a thread of its own.
 
     `call(job)` runs `job(store)` there and returns an asyncio future of its
-    result.  Jobs that only read run at once; those that write run in the
-    order they came, and those waiting together are committed together; if
-    the commit fails, every job of the group fails with Unavailable ("not
-    saved: ...") and what they wrote is undone.
+    result; `submit(job, done)` calls `done(result, problem)` on the event
+    loop instead (no future: a chat line's path).  Jobs that only read run
+    at once; those that write run in the order they came, and those waiting
+    together are committed together; if the commit fails, every job of the
+    group fails with Unavailable ("not saved: ...") and what they wrote is
+    undone.  Outcomes reach the event loop a whole group at once, in the
+    order the jobs came.
     """
 
     def __init__(self, path: str) -> None:
@@ -121,6 +140,14 @@ class Store:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.committed_at = 0.0
         self.undo: dict[str, int] = {}
+        # What the group's chat messages write, in one statement each (see
+        # keep_message): their rows, and each room's last seq and its trim.
+        self.new_messages: list[tuple[str, int, bytes]] = []
+        self.new_lines: list[tuple[str, str, int, float]] = []
+        self.touched: dict[str, tuple[str, str, int, float]] = {}
+        self.trims: dict[str, int] = {}
+        self.trimmed: dict[str, int] = {}  # room: its messages up to this seq are deleted
+        self.now = 0.0  # the group's time (unix), for what it writes
 
     # Starting and stopping (from the event loop's thread)
 
@@ -149,6 +176,7 @@ class Store:
                 raise Unavailable(f"the store {self.path} cannot use a WAL journal")
             db.execute("PRAGMA synchronous = FULL")
             db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
         except sqlite3.Error as exc:
             self.lock_file.close()
             raise Unavailable(f"cannot open the store {self.path}: {exc}") from None
@@ -184,8 +212,11 @@ class Store:
 
     def call(self, job) -> asyncio.Future:
         future = self.loop.create_future()
-        self.jobs.put((job, future))
+        self.submit(job, functools.partial(resolve, future))
         return future
+
+    def submit(self, job, done: Done) -> None:
+        self.jobs.put((job, done))
 
     # The thread
 
@@ -212,12 +243,12 @@ class Store:
         """Run jobs that only read: they need no lock (WAL), so they work
         even while writing fails."""
         outcomes = []
-        for job, future in jobs:
+        for job, done in jobs:
             try:
-                outcomes.append((future, job(self), None))
+                outcomes.append((done, job(self), None))
             except Exception as exc:  # the thread must live on
                 problem = Unavailable(f"the chat's store cannot be read ({exc})")
-                outcomes.append((future, None, problem))
+                outcomes.append((done, None, problem))
         self.settle(outcomes)
 
     def settle(self, outcomes: list) -> None:
@@ -229,9 +260,15 @@ class Store:
         if not group:
             return
         self.undo = {}  # room: its seq before this group, to undo a failure
+        self.now = time.time()
         try:
             self.db.execute("BEGIN IMMEDIATE")
-            results = [job(self) for job, _ in group]
+            results = []
+            for job, _ in group:
+                if type(job) is not Post:
+                    self.write_messages()  # in the order the jobs came
+                results.append(job(self))
+            self.write_messages()
             self.db.execute("COMMIT")
         except Exception as exc:  # the thread must live on: every later line needs it
             if not isinstance(exc, sqlite3.Error):
@@ -240,14 +277,16 @@ class Store:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
             self.seqs.update(self.undo)
+            self.trimmed.clear()  # its deletes are undone too: trim again
             self.failed(f"not saved: {exc}")
             problem = Unavailable(f"not saved: the chat's store failed ({exc})")
-            self.settle([(future, None, problem) for _, future in group])
+            self.settle([(done, None, problem) for _, done in group])
             return
         finally:
             self.committed_at = time.monotonic()
+            self.new_messages, self.new_lines, self.touched, self.trims = [], [], {}, {}
         self.recovered()
-        self.settle([(future, result, None) for (_, future), result in zip(group, results)])
+        self.settle([(done, result, None) for (_, done), result in zip(group, results)])
 
     def failed(self, problem: str) -> None:
         if self.problem is None:
@@ -275,16 +314,52 @@ class Store:
         seq = self.seqs[room] = max(self.last_seq(room), known) + 1
         return seq
 
+    def keep_message(self, room: str, epoch: str, seq: int, frame: bytes, history: int,
+                     session: str, cid: str | None) -> None:
+        """Write a chat message, its room's new seq and its cid, with the rest
+        of the group's (write_messages): a few statements a group rather
+        than four a message."""
+        self.new_messages.append((room, seq, frame))
+        self.touched[room] = (room, epoch, seq, self.now)
+        if cid is not None:
+            self.new_lines.append((session, cid, seq, self.now))
+        if seq - history - self.trimmed.get(room, -TRIM_MESSAGES) >= TRIM_MESSAGES:
+            self.trims[room] = self.trimmed[room] = seq - history
+
+    def write_messages(self) -> None:
+        """Write what keep_message gathered."""
+        if not self.touched:
+            return
+        db = self.db
+        db.executemany("INSERT INTO rooms (name, epoch, seq, active_at) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (name) DO UPDATE "
+                       "SET seq = excluded.seq, active_at = excluded.active_at",
+                       self.touched.values())
+        db.executemany("INSERT INTO messages VALUES (?, ?, ?)", self.new_messages)
+        if self.new_lines:
+            db.executemany("INSERT OR REPLACE INTO lines VALUES (?, ?, ?, ?)", self.new_lines)
+        if self.trims:
+            db.executemany("DELETE FROM messages WHERE room = ? AND seq <= ?",
+                           self.trims.items())
+        self.new_messages, self.new_lines, self.touched, self.trims = [], [], {}, {}
+
 
 def settle(outcomes: list) -> None:
-    """On the event loop: each (future, result, exception) of a group."""
-    for future, result, problem in outcomes:
-        if future.cancelled():
-            continue
-        if problem is None:
-            future.set_result(result)
-        else:
-            future.set_exception(problem)
+    """On the event loop: each (done, result, exception) of a group, in order."""
+    for done, result, problem in outcomes:
+        try:
+            done(result, problem)
+        except Exception:  # a bug: the rest of the group must still hear
+            log.exception("store: handling the outcome of a job failed")
+
+
+def resolve(future: asyncio.Future, result: object, problem: Unavailable | None) -> None:
+    if future.cancelled():
+        return
+    if problem is None:
+        future.set_result(result)
+    else:
+        future.set_exception(problem)
 
 
 # The jobs: each runs on the store's thread, inside a group's transaction.
@@ -327,19 +402,10 @@ class Post:
     writes = True
 
     def __call__(self, store: Store) -> tuple[int, bytes]:
-        db = store.db
         seq = store.number(self.room, self.known)
         frame = encode(chat(self.room, self.name, self.text, seq, self.action, self.verified))
-        now = time.time()
-        db.execute("INSERT INTO rooms (name, epoch, seq, active_at) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT (name) DO UPDATE "
-                   "SET seq = excluded.seq, active_at = excluded.active_at",
-                   (self.room, self.epoch, seq, now))
-        db.execute("INSERT INTO messages VALUES (?, ?, ?)", (self.room, seq, frame))
-        db.execute("DELETE FROM messages WHERE room = ? AND seq <= ?",
-                   (self.room, seq - self.history))
-        if self.cid is not None:
-            Remember(self.session, self.cid, seq)(store)
+        store.keep_message(self.room, self.epoch, seq, frame, self.history, self.session,
+                           self.cid)
         return seq, frame
 
 
@@ -473,6 +539,7 @@ class Prune:
             db.execute("DELETE FROM messages WHERE room = ?", (name,))
             db.execute("DELETE FROM rooms WHERE name = ?", (name,))
             store.seqs.pop(name, None)
+            store.trimmed.pop(name, None)
         now = time.time()
         # Sessions with more than CID_MEMORY_LINES lines lose those older than
         # keep_s; every line goes after twice that (one pass each: no query
@@ -503,7 +570,9 @@ class StoreRooms(MemoryRooms):
             weakref.WeakKeyDictionary()  # each member's last post on its way
         self.loading: dict[str, asyncio.Future] = {}
         self.spent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.in_flight: dict[tuple[str, str], asyncio.Future] = {}  # (session, cid): its post
+        # (session, cid): who waits for that line's post, on its way (a line
+        # sent again before the first was committed waits for it).
+        self.in_flight: dict[tuple[str, str], list[Posted]] = {}
 
     async def start(self) -> None:
         self.store.open()
@@ -577,31 +646,41 @@ class StoreRooms(MemoryRooms):
             session.lines.setdefault(cid, (seq, self.chat.clock() - (time.time() - at)))
 
     async def post(self, member: Member, text: str, action: bool, cid: str | None) -> int:
+        posted = self.fanout.loop().create_future()
+        self.posting[member] = posted
+        self.post_soon(member, text, action, cid, functools.partial(resolve, posted))
+        return await posted
+
+    def post_soon(self, member: Member, text: str, action: bool, cid: str | None,
+                  done: Posted) -> None:
         if cid is not None:
             acked = self.chat.recall(member, cid)
             if acked is not None:
-                return acked.seq
-            in_flight = self.in_flight.get((member.session, cid))
-            if in_flight is not None:  # sent again before the first was committed
-                seq, _ = await asyncio.shield(in_flight)
-                return seq
+                done(acked.seq, None)
+                return
+            waiting = self.in_flight.get((member.session, cid))
+            if waiting is not None:  # sent again before the first was committed
+                waiting.append(done)
+                return
+            self.in_flight[member.session, cid] = [done]
         room = member.room
-        post = self.store.call(Post(room.name, room.epoch, member.name, text, action,
-                                    self.history, member.session, cid, room.seq,
-                                    member.verified))
-        self.posting[member] = post
-        if cid is not None:
-            self.in_flight[member.session, cid] = post
-        try:
-            seq, frame = await post
-        finally:
+        self.store.submit(Post(room.name, room.epoch, member.name, text, action, self.history,
+                               member.session, cid, room.seq, member.verified),
+                          functools.partial(self.posted, member, room, cid, done))
+
+    def posted(self, member: Member, room: Room, cid: str | None, done: Posted,
+               kept: tuple[int, bytes] | None, problem: Unavailable | None) -> None:
+        """A post is committed (or not): the room gets it, then whoever waits."""
+        waiting = [done] if cid is None else self.in_flight.pop((member.session, cid), [done])
+        seq = None
+        if problem is None:
+            seq, frame = kept
+            room.keep(seq, frame)
             if cid is not None:
-                self.in_flight.pop((member.session, cid), None)
-        room.keep(seq, frame)
-        if cid is not None:
-            self.chat.remember(member, cid, seq)
-        self.fanout.publish(room)
-        return seq
+                self.chat.remember(member, cid, seq)
+            self.fanout.publish(room)
+        for each in waiting:
+            each(seq, problem)
 
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
         await self.store.call(Remember(member.session, cid, seq))

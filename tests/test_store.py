@@ -72,6 +72,27 @@ async def test_an_acked_line_sent_again_after_a_restart_is_not_doubled(run_proce
     assert [f["message"] for f in bob.backlog if f["type"] == "user"] == ["only once"]
 
 
+async def test_a_rooms_old_messages_leave_the_file_and_a_restart_brings_back_history(
+        run_process, tmp_path):
+    """--history bounds a room's rows on disk: old ones are deleted a batch
+    at a time (at most TRIM_MESSAGES past --history), not one per message,
+    and a restart brings back exactly the last --history."""
+    from chatserver_store import TRIM_MESSAGES
+    db = str(tmp_path / "chat.db")
+    server = run_process("--store", db, *FAST, "--history", "10")
+    alice = await join(server.url, "r", name="alice", acks=1)
+    for n in range(1, 101):
+        await alice.send(acked(f"c{n}", f"line {n}"))
+    assert (await alice.expect(cid="c100"))["seq"] == 100
+    rows = sqlite3.connect(db).execute("SELECT count(*), min(seq) FROM messages").fetchone()
+    assert 10 <= rows[0] < 10 + TRIM_MESSAGES and rows[1] == 101 - rows[0], rows
+    assert server.terminate() == 0
+
+    server = run_process("--store", db, *FAST, "--history", "10")
+    bob = await join(server.url, "r", name="bob")
+    assert [f["seq"] for f in bob.backlog if f["type"] == "user"] == list(range(91, 101))
+
+
 async def test_sigterm_commits_every_line_it_took_before_it_exits(run_process, tmp_path):
     db = str(tmp_path / "chat.db")
     server = run_process("--store", db, *FAST, "--history", "1000")
