@@ -1106,7 +1106,8 @@ class Chat:
 
     def kick(self, by: Member, kick: Kick) -> tuple[Member | None, list[Ban], dict | str]:
         """Remove a member from `by`'s room (in this process): (the member,
-        the bans, the kick notice), or (None, [], why not)."""
+        the bans, the kick notice, for the caller to announce once the bans
+        are kept), or (None, [], why not)."""
         room = by.room
         target = room.members.get(fold(kick.name))
         if target is None:
@@ -1118,7 +1119,6 @@ class Chat:
             self.add_ban(room.name, ban)
         self.leave(target, quiet=True)
         notice = kicked(room.name, target.name, by.name, kick.reason, bans[0] if bans else None)
-        room.announce(notice)
         return target, bans, notice
 
     def set_topic(self, by: Member, text: str) -> None:
@@ -1598,10 +1598,13 @@ class MemoryRooms(Rooms):
         target, bans, outcome = self.chat.kick(member, kick)
         if target is None:
             return outcome
-        self.expel(target, member.name, kick.reason, encode(outcome))
-        self.fanout.publish(member.room)
-        for ban in bans:
-            await self.keep_ban(member.room.name, ban)
+        try:
+            for ban in bans:  # kept before anyone sees the notice that tells of it
+                await self.keep_ban(member.room.name, ban)
+        finally:  # not kept (the moderator is told): removed all the same
+            member.room.announce(outcome)
+            self.expel(target, member.name, kick.reason, encode(outcome))
+            self.fanout.publish(member.room)
         return None
 
     async def unban(self, member: Member, name: str) -> str | None:

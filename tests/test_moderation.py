@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -222,6 +223,50 @@ async def test_bans_the_topic_and_deletions_survive_a_restart_of_the_store(
     back = await join(server.url, "kept", token=token("reader"))
     assert back.welcome["topic"] == "kept"
     assert [f["message"] for f in back.backlog if f["type"] == "user"] == ["two"]
+
+
+async def test_a_ban_is_on_disk_before_anyone_sees_its_notice(run_process, tmp_path, secret_file):
+    """With --store, the kick notice of a ban waits for the ban's commit (it
+    went out first: a SIGKILL between the two forgot a ban the room saw).
+    Another program holds the database's write lock for a moment, less than
+    the store waits for it."""
+    db = tmp_path / "rooms.db"
+    server = run_process("--store", str(db), "--auth-secret", secret_file)
+    mod = await join(server.url, "kept", token=token("mod", mod=True))
+    await join(server.url, "kept", token=token("vic"))
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    await mod.send("/ban vic 0 rude")
+    with pytest.raises(TimeoutError):  # not while the ban cannot be written
+        await mod.recv_until(lambda f: f.get("event") == "kick", timeout=0.4)
+    holder.execute("ROLLBACK")
+    holder.close()
+    await mod.expect(event="kick", name="vic")
+    server.popen.kill()
+    server.popen.wait()
+    server = run_process("--store", str(db), "--auth-secret", secret_file)
+    with pytest.raises(InvalidStatus) as caught:
+        await join(server.url, "kept", token=token("vic"))
+    assert caught.value.response.status_code == 403
+
+
+async def test_a_ban_that_cannot_be_saved_still_removes_and_says_so(run_process, tmp_path,
+                                                                    secret_file):
+    db = tmp_path / "rooms.db"
+    server = run_process("--store", str(db), "--auth-secret", secret_file)
+    mod = await join(server.url, "kept", token=token("mod", mod=True))
+    vic = await join(server.url, "kept", token=token("vic"))
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # held past the store's wait: the ban is not saved
+    await mod.send("/ban vic 0 rude")
+    frames = await mod.recv_until(lambda f: f.get("event") == "error")
+    holder.execute("ROLLBACK")
+    holder.close()
+    assert "not saved" in frames[-1]["message"], frames
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await vic.recv()
+    assert closed.value.rcvd.code == 4001
 
 
 def start_fails(*args: str) -> str:
