@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chatserver  # noqa: E402
-from hotpath import Transport  # noqa: E402
+from hotpath import connect  # noqa: E402
 
 ORIGIN = "http://localhost:8000"
 BROWSER = ("GET /%s HTTP/1.1\r\nHost: chat.example.org:8765\r\nConnection: Upgrade\r\n"
@@ -33,7 +33,7 @@ BROWSER = ("GET /%s HTTP/1.1\r\nHost: chat.example.org:8765\r\nConnection: Upgra
            f"Upgrade: websocket\r\nOrigin: {ORIGIN}\r\nSec-WebSocket-Version: 13\r\n"
            "Accept-Encoding: gzip, deflate, br\r\nAccept-Language: en-US,en;q=0.9\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-           "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n")
+           "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n").encode()
 
 
 async def main(options: argparse.Namespace) -> None:
@@ -43,12 +43,7 @@ async def main(options: argparse.Namespace) -> None:
     server = chatserver.ChatServer(config)
     gc.collect()
     before = len(gc.get_objects())
-    clients = []
-    for i in range(options.clients):
-        client = chatserver.Client(server)
-        client.connection_made(Transport())
-        client.data_received((BROWSER % f"r{i % options.rooms}").encode())
-        clients.append(client)
+    clients = connect(server, options.clients, options.rooms, BROWSER)
     await asyncio.sleep(0.01)
     gc.collect()
     per_client = (len(gc.get_objects()) - before) / options.clients

@@ -83,18 +83,25 @@ FLAGS = ["--rate", "1000000", "--burst", "1000000", "--max-clients", "1000000",
          "100000000", "--log-level", "WARNING"]
 
 
+def connect(server, count: int, rooms: int, request: bytes = REQUEST,
+            query: str = "") -> list:
+    """`count` clients on stand-in transports, spread over `rooms` rooms."""
+    clients = []
+    for i in range(count):
+        client = chatserver.Client(server)
+        client.connection_made(Transport())
+        client.data_received(request % f"r{i % rooms}{query}".encode())
+        clients.append(client)
+    return clients
+
+
 async def main(options: argparse.Namespace) -> None:
     if options.ingest:
         await ingest(options)
         return
     config = chatserver.parse_args(FLAGS)
     server = chatserver.ChatServer(config)
-    clients = []
-    for i in range(options.rooms * options.size):
-        client = chatserver.Client(server)
-        client.connection_made(Transport())
-        client.data_received(REQUEST % f"r{i % options.rooms}".encode())
-        clients.append(client)
+    clients = connect(server, options.rooms * options.size, options.rooms)
     await asyncio.sleep(0.01)
     senders = clients[:2 * options.rooms]
     frame = masked_text(b"@@" + b"0" * 19 + b" " + b"x" * 42)
@@ -118,12 +125,7 @@ async def ingest(options: argparse.Namespace) -> None:
     config = chatserver.parse_args(FLAGS + (["--store", options.store] if options.store else []))
     server = chatserver.ChatServer(config)
     await server.rooms.start()
-    clients = []
-    for i in range(options.rooms * options.size):
-        client = chatserver.Client(server)
-        client.connection_made(Transport())
-        client.data_received(REQUEST % f"r{i % options.rooms}?acks=1".encode())
-        clients.append(client)
+    clients = connect(server, options.rooms * options.size, options.rooms, query="?acks=1")
     while not all(client.member for client in clients):
         await asyncio.sleep(0.01)
     line = b"x" * 64
