@@ -420,9 +420,6 @@ class Room:
     # (the last change wins, so someone back on a new connection is here).
     unannounced: dict[str, bool] = dataclasses.field(default_factory=dict)
     sent_at: float = float("-inf")  # when the fan-out last sent its frames (loop time)
-    # Acks for members, framed, that go with the room's next send (see
-    # ChatServer.after_line): one write to the sender rather than two.
-    acks: dict[Member, bytes] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.history = collections.deque()
@@ -1309,33 +1306,17 @@ class Fanout:
         if room.joining and for_joiners:
             return  # `joining` publishes when the newcomer is in
         frames = room.take_pending()
-        if not frames and not room.acks:
+        if not frames:
             return
         data = b"".join(map(frame_text, frames))
         room.sent_at = self.loop().time()
-        if room.acks:
-            self.send_with_acks(room, data)
-        else:
-            # The hot loop: one write per member, the same bytes for all.
-            # Writes never remove members (that waits for connection_lost),
-            # so the dict can be walked as it is.
-            for member in room.members.values():
-                member.connection.write(data)
+        # The hot loop: one write per member, the same bytes for all.  Writes
+        # never remove members (that waits for connection_lost), so the dict
+        # can be walked as it is.
+        for member in room.members.values():
+            member.connection.write(data)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
-
-    def send_with_acks(self, room: Room, data: bytes) -> None:
-        """The room's frames to every member, after the acks it holds for
-        some: in the order they would have had if each ack had been sent at
-        once."""
-        acks, room.acks = room.acks, {}
-        for member in room.members.values():
-            held = acks.pop(member, b"")
-            if data or held:
-                member.connection.write(held + data)
-        for member, held in acks.items():  # it left the room meanwhile
-            if member.connection is not None:
-                member.connection.write(held)
 
 
 # Where rooms live: the back-end seam --------------------------------------
@@ -1471,9 +1452,8 @@ class Rooms:
         """Close the connection of a member a moderator removed, after the
         room's kick `notice` (which says whether it is a ban, and until when)."""
         if member.connection is not None:
-            held = member.room.acks.pop(member, b"")  # acks due before the notice
-            if notice or held:
-                member.connection.write(held + (frame_text(notice) if notice else b""))
+            if notice:
+                member.connection.write(frame_text(notice))
             words = f"removed by {by}" + (f": {reason}" if reason else "")
             member.connection.close(CLOSE_KICKED, words.encode()[:120].decode(errors="ignore"))
 
@@ -2168,8 +2148,16 @@ class ChatServer:
             self.rooms.post_soon(member, decision.text, decision.action, cid,
                                  functools.partial(self.posted, client, answer, room, cid))
         else:
-            shown = cid is not None or decision.shown
-            answer.append([(member, encode(error(room, decision.message, cid)))] if shown else [])
+            # A line posted before, sent again (after a reconnect) and refused
+            # now, gets its ack, as in Rooms.receive; the sessions of a back-end
+            # that pipelines are the Chat's.
+            acked = self.chat.recall(member, cid) if cid is not None else None
+            if acked is not None:
+                answer.append([(member, encode(ack(room, cid, acked.seq)))])
+            else:
+                shown = cid is not None or decision.shown
+                answer.append([(member, encode(error(room, decision.message, cid)))]
+                              if shown else [])
             self.send_answers(client)
         return True
 
@@ -2211,20 +2199,10 @@ class ChatServer:
 
     def after_line(self, client: Client, out: Outgoing) -> None:
         member = client.member
-        room = member.room
-        if room.pending and out:
-            if any(b'"event":"ack"' not in data for _, data in out):
-                # An answer must not overtake the sender's earlier lines,
-                # which may wait in the room's batch: they go first.
-                self.rooms.fanout.flush(room)
-            elif member.close_with is None:
-                # Acks alone wait for the room's next send, which usually
-                # brings the line's own message, and go first in it: one
-                # write to the sender rather than two, in the same order.
-                # That send is due within this turn or --batch-window.
-                room.acks[member] = room.acks.get(member, b"") + b"".join(
-                    frame_text(data) for _, data in out)
-                out = []
+        if member.room.pending and any(b'"event":"ack"' not in data for _, data in out):
+            # An answer must not overtake the sender's earlier lines, which
+            # may wait in the room's batch: they go first.  (An ack may.)
+            self.rooms.fanout.flush(member.room)
         self.send(client, out)
         if member.room.pending:
             self.rooms.fanout.publish(member.room)
