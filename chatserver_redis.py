@@ -751,8 +751,11 @@ def replies():
 async def raw_connection(client):
     """A new connection to `client`'s Redis, out of its pool: connected,
     authenticated and on its DB by redis-py (any URL it takes: TLS, a Unix
-    socket, a password), then read and written here directly."""
-    connection = client.connection_pool.make_connection()
+    socket, a password), then read and written here directly.  In RESP2:
+    a RESP3 connection may get push messages (redis-py 8 asks for
+    maintenance notices), which the pipe would take for answers."""
+    pool = client.connection_pool
+    connection = pool.connection_class(**{**pool.connection_kwargs, "protocol": 2})
     await connection.connect()
     return connection
 
