@@ -609,7 +609,10 @@ def test_trimming_old_rows_keeps_the_readers_place_and_every_sender_line(open_pa
         expect(page.chat_texts.first).not_to_have_text("line 0")  # trimmed
         page.page.wait_for_timeout(200)
         after = page.page.evaluate(where)
-        assert abs(after - before) <= 1, (before, after)
+        # Within 3 px: a row is about 20 px, and 30 rows gone without the
+        # page's correction move it by hundreds. A correction may be off by
+        # a pixel or so, as rows sit at fractions of one (1.5 once, in CI).
+        assert abs(after - before) <= 3, (before, after)
         first = page.chat_lines.first
         expect(first).not_to_have_class(re.compile(r"\bcontinued\b"))
         expect(first.locator(".sender")).to_be_visible()
