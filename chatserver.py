@@ -577,6 +577,10 @@ def text_problem(text: str, max_chars: int) -> str | None:
 
 ACKED_FRAME = 'on an acks=1 connection each frame is {"cid": ID, "line": TEXT}, ' \
               'ID being 1 to 64 characters of A-Z a-z 0-9 _ -'
+# JSON can carry half of a UTF-16 pair ("\ud800"), which no UTF-8 text frame
+# can: such a line could not be encoded to anyone, so it is refused here.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_TEXT = "the line holds a lone surrogate (\\ud800-\\udfff), which is not text; it was not sent"
 
 
 def unwrap(text: str) -> tuple[str | None, str | None, str | None]:
@@ -595,6 +599,8 @@ def unwrap(text: str) -> tuple[str | None, str | None, str | None]:
         return None, None, ACKED_FRAME
     if not isinstance(line, str):
         return cid, None, ACKED_FRAME
+    if not line.isascii() and LONE_SURROGATE.search(line):
+        return cid, None, NOT_TEXT
     return cid, line, None
 
 
@@ -720,7 +726,7 @@ def moderation(verb: str, argument: str) -> Decision:
     if verb == "/topic":
         problem = text_problem(argument, TOPIC_MAX_CHARS) if argument else None
         return Refuse(f"topic refused: {problem}") if problem else SetTopic(argument)
-    if not argument.isdigit():
+    if not (argument.isascii() and argument.isdigit() and len(argument) <= 18):  # "²" is a digit
         return Refuse("usage: /delete SEQ (the number of the message)")
     return Delete(int(argument))
 

@@ -595,6 +595,9 @@ class StoreRooms(MemoryRooms):
     # What clients do
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
+        # A room past --room-ttl that the sweep has not reached yet is read
+        # from the file like any other it forgot, not opened anew.
+        self.chat.forget_if_expired(ticket.room)
         if ticket.room not in self.chat.rooms:
             await self.load(ticket)
         if ticket.key and ticket.key not in self.chat.keys:

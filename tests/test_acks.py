@@ -201,6 +201,22 @@ async def test_malformed_frames_on_an_acks_connection_get_an_error_and_post_noth
     assert (await answer(alice, "after"))["seq"] == 1
 
 
+@pytest.mark.parametrize("text", ["hi \ud800", "/me \udfff", "/\ud800", "/topic \udc00"])
+async def test_a_lone_surrogate_gets_an_error_and_the_lines_beside_it_are_posted(chat, text):
+    """JSON can carry half of a UTF-16 pair, which no text frame can: the
+    line is refused with its cid, and nobody else's line suffers (with the
+    store it failed every line of its commit; in memory it gave a traceback)."""
+    room = chat.room()
+    mallory = await chat.join(room, name="mallory", acks=1)
+    alice = await chat.join(room, name="alice", acks=1)
+    await mallory.send(line("bad", text))
+    await alice.send(line("good", "beside it"))
+    assert "lone surrogate" in (await answer(mallory, "bad"))["message"]
+    assert (await answer(alice, "good"))["event"] == "ack"
+    await mallory.send(line("after", "still here"))
+    assert (await answer(mallory, "after"))["event"] == "ack"
+
+
 async def test_a_plain_connection_beside_an_acks_one_is_unchanged(chat):
     room = chat.room()
     alice = await chat.join(room, name="alice", acks=1)

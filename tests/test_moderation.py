@@ -191,6 +191,9 @@ async def test_topic_and_delete_reach_everyone_and_every_newcomer(chat):
     assert (await reader.expect(event="delete"))["seq"] == seqs[1]
     await mod.send("/delete 999")
     assert "no message 999" in (await mod.expect(event="error"))["message"]
+    for odd in ("²", "9" * 20):  # a digit to isdigit() but not to int(); past SQLite's
+        await mod.send(f"/delete {odd}")
+        assert "usage: /delete" in (await mod.expect(event="error"))["message"]
     newcomer = await chat.join(room, name="new")
     assert newcomer.welcome["topic"] == "Rules: be kind"
     assert [f["message"] for f in newcomer.backlog if f["type"] == "user"] == ["one", "three"]
