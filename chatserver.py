@@ -363,6 +363,19 @@ class Ban:
 
 
 @dataclasses.dataclass(eq=False)
+class Bucket:
+    """A client's flood control: a token bucket (--rate, --burst) and the
+    flood it is in, if any.  It outlives the connection for a while (see
+    Chat.bucket_for): closing and coming back is no way to a fresh burst."""
+
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    flooding_since: float | None = None
+    flood_error_at: float = float("-inf")
+    rejected_at: float = float("-inf")
+
+
+@dataclasses.dataclass(eq=False)
 class Member:
     """One connected client in one room."""
 
@@ -372,11 +385,7 @@ class Member:
     verified: bool = False  # its name comes from a sign-in token
     mod: bool = False  # it moderates the room
     connection: Client | None = None  # set by the I/O layer
-    tokens: float = 0.0  # rate limit bucket
-    refilled_at: float = 0.0
-    flooding_since: float | None = None
-    flood_error_at: float = float("-inf")
-    rejected_at: float = float("-inf")
+    bucket: Bucket = dataclasses.field(default_factory=Bucket)
     close_with: tuple[int, str] | None = None  # set when the member must go
     # The secret in this member's welcome: whoever shows it may take the
     # name back on a new connection (a page reconnecting after a drop the
@@ -745,8 +754,8 @@ class Acked:
 class Session:
     """The acked lines of one session, as an in-memory back-end keeps them:
     at least the last CID_MEMORY_LINES, and all those of the last
-    CID_MEMORY_S seconds (see Chat.forget_idle_sessions for how long a
-    session is kept)."""
+    CID_MEMORY_S seconds, up to `cid_memory_lines` (see
+    Chat.forget_idle_sessions for how long a session is kept)."""
 
     lines: collections.OrderedDict[str, tuple[int | None, float]] = dataclasses.field(
         default_factory=collections.OrderedDict)  # cid -> (seq, when)
@@ -760,14 +769,25 @@ class Session:
         line = self.lines.get(cid)
         return None if line is None else Acked(line[0])
 
-    def remember(self, cid: str, seq: int | None, now: float) -> None:
+    def remember(self, cid: str, seq: int | None, now: float, most: int) -> None:
+        """Remember `cid`; forget the oldest lines past CID_MEMORY_LINES
+        that are older than CID_MEMORY_S, and past `most`, however young."""
         self.lines[cid] = (seq, now)
         self.lines.move_to_end(cid)
         while len(self.lines) > CID_MEMORY_LINES:
             _, (_, when) = next(iter(self.lines.items()))
-            if now - when < CID_MEMORY_S:
+            if now - when < CID_MEMORY_S and len(self.lines) <= most:
                 break
             self.lines.popitem(last=False)
+
+
+def cid_memory_lines(config: Config) -> int:
+    """The most acked lines a session remembers: all that one client can
+    send in CID_MEMORY_S at --rate after its --burst (3,020 by default), at
+    least CID_MEMORY_LINES.  A session with several connections at once (in
+    several rooms, on several processes) may send more: its oldest go first,
+    however young.  Every back-end keeps to it."""
+    return max(CID_MEMORY_LINES, int(config.rate * CID_MEMORY_S) + config.burst)
 
 
 def session_keep_s(config: Config) -> float:
@@ -798,6 +818,11 @@ class Chat:
         self.opened: collections.Counter[str] = collections.Counter()  # rooms by opener
         self.reserved: collections.Counter[str] = collections.Counter()  # rooms being opened
         self.openings: dict[str, tuple[float, float]] = {}  # address: (tokens, when)
+        # The flood control of connections gone, by ("session", id) and by
+        # ("address", address), until it has refilled to --burst (the
+        # longest refilled first).
+        self.buckets_left: collections.OrderedDict[tuple[str, str], Bucket] = \
+            collections.OrderedDict()
         self.sessions: dict[str, Session] = {}  # by session id
         # Sessions with no connection left, the longest gone first.
         self.departed: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -966,13 +991,13 @@ class Chat:
         else:
             wanted, notes = self.newcomer_name(room_name, wanted)
             name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
-        member = Member(name, room, address, tokens=self.config.burst,
-                        refilled_at=self.clock(), verified=identity is not None,
-                        mod=identity is not None and identity.mod)
         sid = self.keys.get(key) if key else None
+        session = sid or secrets.token_urlsafe(16)
+        member = Member(name, room, address, bucket=self.bucket_for(session, address),
+                        verified=identity is not None,
+                        mod=identity is not None and identity.mod, session=session)
         if sid is not None:
             member.previous_key = key
-        member.session = sid or secrets.token_urlsafe(16)
         self.name_session(member.key, member.session).connections += 1
         room.members[fold(name)] = member
 
@@ -1138,7 +1163,7 @@ class Chat:
     def remember(self, member: Member, cid: str, seq: int | None) -> None:
         session = self.sessions.get(member.session)
         if session is not None:
-            session.remember(cid, seq, self.clock())
+            session.remember(cid, seq, self.clock(), cid_memory_lines(self.config))
 
     # What a line means: the same rules for every back-end
 
@@ -1180,37 +1205,80 @@ class Chat:
         return Refuse(f"unknown command {verb[:40]}; try /help (start with // to send a "
                       "literal /)")
 
-    # Flood control: a token bucket per member.
+    # Flood control: a token bucket per member, which outlives its
+    # connection until it is full again.
+
+    def bucket_for(self, session: str, address: str) -> Bucket:
+        """A newcomer's flood control.  A full --burst, unless a connection
+        of its session, or else from its address, left with less than that
+        less than --burst / --rate seconds ago: then that bucket, flood and
+        all, as if the newcomer were that connection.  So reconnecting
+        after every few lines (with a key or without) gives no fresh burst,
+        while a page back after a drop has what it had, refilled at --rate
+        (its own: not that of another client behind the same address).
+        Per process."""
+        left = self.buckets_left.get(("session", session)) or \
+            self.buckets_left.get(("address", address))
+        if left is not None:
+            return dataclasses.replace(left)
+        return Bucket(tokens=self.config.burst, refilled_at=self.clock())
+
+    def keep_bucket(self, member: Member) -> None:
+        """`member`'s connection is gone: keep its bucket for its session
+        and for its address, unless one kept there has fewer tokens (the
+        emptiest is what a newcomer gets).  At most 2 x --max-clients are
+        kept (the longest kept go first), most for a few seconds."""
+        now = self.clock()
+        full_after = self.config.burst / self.config.rate
+        while self.buckets_left:  # full again, as if new: forget them
+            oldest = next(iter(self.buckets_left.values()))
+            if now - oldest.refilled_at < full_after and \
+                    len(self.buckets_left) < 2 * self.config.max_clients:
+                break
+            self.buckets_left.popitem(last=False)
+        bucket = self.refill(member.bucket, now)
+        if bucket.tokens >= self.config.burst:
+            return  # as good as new
+        for whose in (("session", member.session), ("address", member.address)):
+            kept = self.buckets_left.get(whose)
+            if kept is None or self.refill(kept, now).tokens >= bucket.tokens:
+                self.buckets_left[whose] = bucket
+            self.buckets_left.move_to_end(whose)
+
+    def refill(self, bucket: Bucket, now: float) -> Bucket:
+        config = self.config
+        bucket.tokens = min(config.burst, bucket.tokens + (now - bucket.refilled_at) * config.rate)
+        bucket.refilled_at = now
+        return bucket
 
     def admit(self, member: Member) -> bool:
         now = self.clock()
-        config = self.config
-        member.tokens = min(config.burst, member.tokens + (now - member.refilled_at) * config.rate)
-        member.refilled_at = now
-        if member.tokens >= 1:
-            member.tokens -= 1
+        bucket = self.refill(member.bucket, now)
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
             # A flood ends after a quiet second, not at the first line that
             # slips through on a refilled token.
-            if member.flooding_since is not None and now - member.rejected_at > FLOOD_QUIET_S:
-                member.flooding_since = None
+            if bucket.flooding_since is not None and now - bucket.rejected_at > FLOOD_QUIET_S:
+                bucket.flooding_since = None
             return True
-        if member.flooding_since is None:
-            member.flooding_since = now
-        member.rejected_at = now
+        if bucket.flooding_since is None:
+            bucket.flooding_since = now
+        bucket.rejected_at = now
         return False
 
     def flood_answer(self, member: Member) -> Refuse:
         """What a line over the rate limit gets: an error now and then, and
         after --flood-close seconds of flooding, the door."""
         now = self.clock()
+        bucket = member.bucket
         message = (f"slow down: at most {self.config.rate:g} messages a second; "
                    "lines over the limit are not sent")
-        if now - member.flooding_since >= self.config.flood_close:
+        if now - bucket.flooding_since >= self.config.flood_close:
             member.close_with = (CLOSE_POLICY, "flooding")
             return Refuse(message, shown=False)
-        if now - member.flood_error_at < FLOOD_ERROR_INTERVAL_S:
+        if now - bucket.flood_error_at < FLOOD_ERROR_INTERVAL_S:
             return Refuse(message, shown=False)
-        member.flood_error_at = now
+        bucket.flood_error_at = now
         return Refuse(message)
 
 
@@ -2106,6 +2174,7 @@ class ChatServer:
         if member is None:
             return
         self.rooms.leave(member)
+        self.chat.keep_bucket(member)
         log.info("disconnect room=%s name=%s address=%s code=%s", member.room.name,
                  member.name, client.address, client.protocol.close_code)
 
@@ -2492,7 +2561,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="longest chat line, in characters; longer ones get an error")
     add("--max-size", type=int, default=MAX_SIZE_BYTES,
         help="largest incoming frame, in bytes; larger ones close with 1009")
-    add("--rate", type=float, default=RATE_PER_S, help="chat lines per second per client")
+    add("--rate", type=float, default=RATE_PER_S,
+        help="chat lines per second per client (one that reconnects goes on with what it "
+             "left: no fresh --burst); a session remembers at most --rate x 600 + --burst "
+             "acked lines")
     add("--burst", type=int, default=BURST_MESSAGES,
         help="chat lines a client may send at once before --rate applies")
     add("--flood-close", type=float, default=FLOOD_CLOSE_S,

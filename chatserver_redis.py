@@ -43,8 +43,8 @@ import weakref
 from chatserver import (CID_MEMORY_LINES, CID_MEMORY_S, CLOSE_TRY_AGAIN, NAME_MAX_CHARS,
                         Acked, Ban, Chat, Config, Fanout, Kick, Member, Outgoing, Refused, Room,
                         Rooms,
-                        Ticket, Unavailable, Unconfirmed, chat, deleted, encode, fold, gap,
-                        joined, kicked, left, newcomer_frames, renamed, safe_url,
+                        Ticket, Unavailable, Unconfirmed, chat, cid_memory_lines, deleted, encode,
+                        fold, gap, joined, kicked, left, newcomer_frames, renamed, safe_url,
                         session_keep_s, topic_set)
 
 log = logging.getLogger("chatserver")
@@ -343,17 +343,22 @@ local function ensure_room(seq_key, epoch_key, history_key, epoch, floor, ttl, k
   return current
 end
 
-local function remember_line(cids_key, order_key, cid, seq, lines, keep_ms)
+local function remember_line(cids_key, order_key, cid, seq, lines, keep_ms, most)
   -- A session's acked line: cid -> seq ("-" for a command), kept with at
-  -- least the last `lines` others and all those younger than `keep_ms`.
+  -- least the last `lines` others and all those younger than `keep_ms`, up
+  -- to `most` (as chatserver.Session.remember keeps them).
   local now = redis.call('TIME')
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   redis.call('HSET', cids_key, cid, seq)
   redis.call('RPUSH', order_key, ms .. ' ' .. cid)
-  while redis.call('LLEN', order_key) > lines do
+  local count = redis.call('LLEN', order_key)
+  while count > lines do
     local oldest = redis.call('LINDEX', order_key, 0)
     local space = string.find(oldest, ' ', 1, true)
-    if ms - tonumber(string.sub(oldest, 1, space - 1)) < keep_ms then break end
+    if count <= most and ms - tonumber(string.sub(oldest, 1, space - 1)) < keep_ms then
+      break
+    end
+    count = count - 1
     redis.call('LPOP', order_key)
     redis.call('HDEL', cids_key, string.sub(oldest, space + 1))
   end
@@ -433,7 +438,8 @@ end
 # KEYS: seq, epoch, history, the session's cids, its order, the member's
 # key's session.  ARGV: channel,
 # frame prefix, history limit, epoch, last seq known, cid ("" if none), cids
-# kept, ms they are kept, ms the session is kept, history bytes.  Returns {seq, epoch}: the
+# kept, ms they are kept, ms the session is kept, history bytes, cids kept at
+# most.  Returns {seq, epoch}: the
 # seq the cid got before, if it was acked before (then nothing is posted).
 LUA_POST = LUA_COMMON + """
 if ARGV[6] ~= '' then
@@ -448,7 +454,8 @@ redis.call('RPUSH', KEYS[3], frame)
 keep_history(KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[10]))
 redis.call('PUBLISH', ARGV[1], seq .. ' ' .. frame)
 if ARGV[6] ~= '' then
-  remember_line(KEYS[4], KEYS[5], ARGV[6], seq, tonumber(ARGV[7]), tonumber(ARGV[8]))
+  remember_line(KEYS[4], KEYS[5], ARGV[6], seq, tonumber(ARGV[7]), tonumber(ARGV[8]),
+                tonumber(ARGV[11]))
   keep_session(ARGV[9], KEYS[4], KEYS[5], KEYS[6])
 end
 return {seq, epoch}
@@ -456,9 +463,10 @@ return {seq, epoch}
 
 # KEYS: the session's cids, its order, the member's key's session.
 # ARGV: cid, seq ("-": a command), cids kept, ms they are kept, ms the
-# session is kept.
+# session is kept, cids kept at most.
 LUA_REMEMBER = LUA_COMMON + """
-remember_line(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+remember_line(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+              tonumber(ARGV[6]))
 keep_session(ARGV[5], KEYS[1], KEYS[2], KEYS[3])
 return 1
 """
@@ -862,6 +870,7 @@ class RedisRooms(Rooms):
         self.history_bytes = config.history_bytes
         self.room_ttl_ms = max(0, int(config.room_ttl * 1000))
         self.session_ttl_ms = int(session_keep_s(config) * 1000)
+        self.cids_kept = cid_memory_lines(config)
         self.proc = secrets.token_hex(8)
         self.proc_key = f"chat:proc:{self.proc}"
         self.proc_rooms_key = f"chat:proc:{self.proc}:rooms"
@@ -1007,8 +1016,8 @@ class RedisRooms(Rooms):
                 self.spawn(self.reconcile(room.name))
                 raise
             epoch, last_seq, frames, taken_over, session = claim
-            member = Member(name, room, ticket.address, tokens=self.chat.config.burst,
-                            refilled_at=self.chat.clock(), key=key,
+            member = Member(name, room, ticket.address, key=key,
+                            bucket=self.chat.bucket_for(session.decode(), ticket.address),
                             previous_key=ticket.key, session=session.decode(),
                             verified=identity is not None,
                             mod=identity is not None and identity.mod)
@@ -1062,7 +1071,7 @@ class RedisRooms(Rooms):
                 self.room_keys(room.name, "seq", "epoch", "history") + self.session_keys(member),
                 [self.channel(room.name), frame_prefix(frame, "seq"), self.history_limit,
                  room.epoch, room.seq, cid or "", CID_MEMORY_LINES, int(CID_MEMORY_S * 1000),
-                 self.session_ttl_ms, self.history_bytes])
+                 self.session_ttl_ms, self.history_bytes, self.cids_kept])
             if seq != b"wait":
                 break
             await asyncio.sleep(RECOVERY_STEP_S)  # Redis recovers lost rooms: not posted yet
@@ -1123,7 +1132,7 @@ class RedisRooms(Rooms):
     async def remember(self, member: Member, cid: str, seq: int | None) -> None:
         await self.call(self.remember_script, self.session_keys(member),
                         [cid, "-" if seq is None else seq, CID_MEMORY_LINES,
-                         int(CID_MEMORY_S * 1000), self.session_ttl_ms])
+                         int(CID_MEMORY_S * 1000), self.session_ttl_ms, self.cids_kept])
 
     async def claim(self, room: SharedRoom, wanted: str | None, key: str,
                     taking_over: str | None, join_id: bytes, address: str,

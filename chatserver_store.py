@@ -35,8 +35,8 @@ import weakref
 from typing import Callable
 
 from chatserver import (CID_MEMORY_LINES, Ban, Chat, Config, Fanout, Member, MemoryRooms,
-                        Outgoing, Posted, Room, Ticket, Unavailable, chat, encode,
-                        session_keep_s)
+                        Outgoing, Posted, Room, Ticket, Unavailable, chat, cid_memory_lines,
+                        encode, session_keep_s)
 
 log = logging.getLogger("chatserver")
 
@@ -484,18 +484,20 @@ class Remember:
 
 @dataclasses.dataclass
 class SessionOfKey:
-    """The session a key names and its acked lines, oldest first:
-    (session, [(cid, seq, at)]), or None."""
+    """The session a key names and its newest `most` acked lines, oldest
+    first: (session, [(cid, seq, at)]), or None."""
 
     key: str
+    most: int
     writes = False
 
     def __call__(self, store: Store) -> tuple[str, list[tuple[str, int | None, float]]] | None:
         row = store.db.execute("SELECT session FROM keys WHERE key = ?", (self.key,)).fetchone()
         if row is None:
             return None
-        return row[0], store.db.execute("SELECT cid, seq, at FROM lines WHERE session = ? "
-                                        "ORDER BY at", row).fetchall()
+        newest = store.db.execute("SELECT cid, seq, at FROM lines WHERE session = ? "
+                                  "ORDER BY at DESC LIMIT ?", (row[0], self.most)).fetchall()
+        return row[0], newest[::-1]
 
 
 @dataclasses.dataclass
@@ -523,10 +525,12 @@ class NameSession:
 class Prune:
     """Keep the disk bounded: at most `rooms` rooms (the most recently
     active), and each session's acked lines as chatserver.Session keeps
-    them: its last CID_MEMORY_LINES and all younger than `keep_s`."""
+    them: its last CID_MEMORY_LINES and all younger than `keep_s`, its
+    newest `most` at most."""
 
     rooms: int
     keep_s: float
+    most: int
     live: frozenset[str]  # rooms open in memory: never pruned
     writes = True
 
@@ -547,6 +551,11 @@ class Prune:
         db.execute("DELETE FROM lines WHERE at < ? AND session IN (SELECT session FROM lines "
                    "GROUP BY session HAVING count(*) > ?)", (now - self.keep_s, CID_MEMORY_LINES))
         db.execute("DELETE FROM lines WHERE at < ?", (now - 2 * self.keep_s,))
+        db.execute("DELETE FROM lines WHERE (session, cid) IN (SELECT session, cid FROM "
+                   "(SELECT session, cid, row_number() OVER (PARTITION BY session ORDER BY at "
+                   "DESC) AS newer FROM lines WHERE session IN (SELECT session FROM lines "
+                   "GROUP BY session HAVING count(*) > ?)) WHERE newer > ?)",
+                   (self.most, self.most))
         db.execute("DELETE FROM keys WHERE NOT EXISTS "
                    "(SELECT 1 FROM lines WHERE lines.session = keys.session)")
         db.execute("DELETE FROM bans WHERE until <= ?", (now,))  # over
@@ -566,6 +575,7 @@ class StoreRooms(MemoryRooms):
         self.history = config.history
         self.max_stored_rooms = config.store_rooms
         self.keep_s = session_keep_s(config)
+        self.cids_kept = cid_memory_lines(config)
         self.posting: weakref.WeakKeyDictionary[Member, asyncio.Future] = \
             weakref.WeakKeyDictionary()  # each member's last post on its way
         self.loading: dict[str, asyncio.Future] = {}
@@ -588,7 +598,7 @@ class StoreRooms(MemoryRooms):
 
     async def sweep(self) -> None:
         gone = await self.store.call(Prune(self.max_stored_rooms, self.keep_s,
-                                           frozenset(self.chat.rooms)))
+                                           self.cids_kept, frozenset(self.chat.rooms)))
         if gone:
             log.info("store %s: forgot %d least recently active rooms", self.store.path, gone)
 
@@ -640,7 +650,7 @@ class StoreRooms(MemoryRooms):
             room.remember(seq, frame)
 
     async def load_session(self, key: str) -> None:
-        found = await self.store.call(SessionOfKey(key))
+        found = await self.store.call(SessionOfKey(key, self.cids_kept))
         if found is None or key in self.chat.keys or key in self.spent:
             return
         sid, lines = found

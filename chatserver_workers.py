@@ -15,6 +15,7 @@ died stops by itself.  Imported only with --workers above 1.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import multiprocessing
@@ -35,10 +36,18 @@ WORKER_RESTART_S = 1.0  # pause before restarting a worker that died
 WORKER_ORPHAN_CHECK_S = 1.0  # how often a worker checks that its parent lives
 REQUEST_LINE_BYTES = 8192  # a request line longer than this goes to any worker (it refuses it)
 HANDOFF_BYTES = 65536  # what the parent reads of a request at most before handing it over
-TRY_LATER_BODY = b"this room's worker is restarting; try again\n"
-TRY_LATER = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
-             b"Content-Type: text/plain; charset=utf-8\r\n"
-             b"Content-Length: %d\r\n\r\n%s" % (len(TRY_LATER_BODY), TRY_LATER_BODY))
+
+
+def unavailable(reason: bytes) -> bytes:
+    """A whole HTTP 503 answer that says `reason`."""
+    body = reason + b"\n"
+    return (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+TRY_LATER = unavailable(b"this room's worker is restarting; try again")
+TOO_MANY_FROM_ADDRESS = unavailable(b"too many connections from your address")
 
 
 @dataclasses.dataclass
@@ -93,6 +102,7 @@ class Parent:
         self.ready, self.ready_writer = self.context.Pipe(duplex=False)
         self.workers: list[Worker] = []
         self.waiting = 0  # connections whose request line has not come yet
+        self.per_ip: collections.Counter[str] = collections.Counter()  # of those, by address
         self.handing: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
@@ -166,18 +176,30 @@ class Parent:
                     self.workers[n] = self.start_worker()
 
     async def accept(self) -> None:
+        """Take connections, at most --max-clients waiting for their request
+        line, and at most --max-per-ip of them from one address, as a single
+        process counts them (behind a proxy, --trust-proxy, the workers count
+        by the address the handshake names): one address must not hold every
+        place in the parent."""
         loop = asyncio.get_running_loop()
         while True:
-            connection, _ = await loop.sock_accept(self.listener)
+            connection, peer = await loop.sock_accept(self.listener)
+            address = peer[0]
             if self.waiting >= self.config.max_clients:
                 connection.close()  # a flood of connections that say nothing
                 continue
+            if not self.config.trust_proxy and self.per_ip[address] >= self.config.max_per_ip:
+                log.warning("refused a connection 503 from %s: too many connections "
+                            "from your address", address)
+                refuse(connection, TOO_MANY_FROM_ADDRESS)
+                continue
             self.waiting += 1
-            task = asyncio.ensure_future(self.hand_over(connection))
+            self.per_ip[address] += 1
+            task = asyncio.ensure_future(self.hand_over(connection, address))
             self.handing.add(task)  # the loop keeps only a weak reference
             task.add_done_callback(self.handing.discard)
 
-    async def hand_over(self, connection: socket.socket) -> None:
+    async def hand_over(self, connection: socket.socket, address: str) -> None:
         """Read the request line (within --handshake-timeout), then pass the
         socket and what was read to the worker that owns its room."""
         loop = asyncio.get_running_loop()
@@ -199,6 +221,9 @@ class Parent:
             log.debug("a connection was not handed over: %s", exc)
         finally:
             self.waiting -= 1
+            self.per_ip[address] -= 1
+            if not self.per_ip[address]:
+                del self.per_ip[address]
             connection.close()  # the worker has its own copy
 
     async def send_socket(self, handoff: socket.socket, head: bytes,
@@ -227,6 +252,17 @@ class Parent:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+
+
+def refuse(connection: socket.socket, answer: bytes) -> None:
+    """Answer a connection we will not read (a 503 fits in a new socket's
+    buffer: no waiting), and close it."""
+    connection.setblocking(False)
+    try:
+        connection.send(answer)
+    except OSError:
+        pass  # it is gone already
+    connection.close()
 
 
 def serve_as_worker(config: Config, ready_writer, handoff: socket.socket) -> None:

@@ -247,3 +247,23 @@ async def test_the_same_cid_twice_in_a_row_is_posted_once_and_acked_twice(chat):
     await raw.next_json(event="ack", cid="next")
     assert await chat_lines(bob, 2) == [(first["seq"], "alice", "only once"),
                                         (first["seq"] + 1, "alice", "after")]
+
+
+async def test_a_session_remembers_at_most_what_one_client_may_send_in_ten_minutes(start_chat):
+    """--rate x 600 + --burst cids, at least 1,000: a session on two
+    connections at once (two rooms, on two processes with --broker) sends
+    more, and its oldest cids go, young as they are; the newest are kept."""
+    chat = await start_chat(rate=0.001, burst=1000, flood_close=60)  # 1,000 at most
+    alice = await chat.join(chat.room("a"), name="alice", acks=1, at=0)
+    other = await chat.join(chat.room("b"), name="alice", acks=1,
+                            key=alice.welcome["key"], at=len(chat.urls) - 1)
+    for client, tag in ((alice, "a"), (other, "b")):
+        for n in range(600):
+            await client.send(line(f"{tag}{n}", "hello"))
+        await answer(client, f"{tag}599")
+    await alice.send(line("a200", "hello"))  # the oldest of the newest 1,000
+    assert (await answer(alice, "a200"))["seq"] == 201
+    await alice.send(line("a199", "hello"))  # forgotten: posted again
+    assert (await answer(alice, "a199"))["seq"] == 601
+    await other.send(line("b599", "hello"))
+    assert (await answer(other, "b599"))["seq"] == 600

@@ -4,6 +4,8 @@ against every back-end (see `chat` and `start_chat` in conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import ssl
 import subprocess
 import time
@@ -63,6 +65,29 @@ async def test_flooding_client_gets_few_errors_then_is_closed_with_1008(start_ch
     await bystander.send("still served")
     assert (await bystander.recv())["message"] == "still served"
     assert await chat.metric('chat_clients_dropped_total{reason="flooding"}') == 1
+
+
+async def test_reconnecting_after_every_few_lines_gives_no_fresh_burst(start_chat):
+    """A flooder that closes after every few lines and comes back with its
+    key is held to --rate and closed 1008 as on one connection (the bucket
+    outlives the connection; it is kept per process, so every connection of
+    this test goes to the first)."""
+    chat = await start_chat(rate=5, burst=5, flood_close=1.0)
+    room = chat.room()
+    key, acked, started = None, 0, time.monotonic()
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(10):
+            for round in itertools.count():
+                flooder = await chat.join(room, name="flooder", acks=1, key=key, at=0)
+                key = flooder.welcome["key"]
+                for n in range(10):
+                    await flooder.send(json.dumps({"cid": f"r{round}n{n}", "line": "spam"}))
+                for n in range(10):  # each line's ack or error; or the door
+                    frames = await flooder.recv_until(lambda f: f.get("cid") == f"r{round}n{n}")
+                    acked += frames[-1]["event"] == "ack"
+                await flooder.close()
+    assert closed.value.rcvd.code == 1008 and closed.value.rcvd.reason == "flooding"
+    assert acked <= 5 + 5 * (time.monotonic() - started) + 1
 
 
 # Connection limits: each process counts its own clients, so with several

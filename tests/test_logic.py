@@ -8,7 +8,8 @@ import pytest
 
 from chatserver import (ACKED_FRAME, CID_MEMORY_S, Acked, Chat, Config, Member, MemoryRooms,
                         KEYS_PER_SESSION, keepalive_due,
-                        Refused, Room, Session, name_problem, room_from_path, run_now, unwrap)
+                        Refused, Room, Session, cid_memory_lines, name_problem, room_from_path,
+                        run_now, unwrap)
 
 
 class Clock:
@@ -391,6 +392,59 @@ def test_flooding_gets_one_error_a_second_then_the_door():
     assert alice.close_with == (1008, "flooding")
 
 
+def test_a_client_that_reconnects_goes_on_with_the_bucket_it_left():
+    chat, clock = make_chat(rate=1, burst=3)
+    alice, _ = chat.join("lobby", "alice", address="10.0.0.1")
+    assert all(receive(chat, alice, str(n)) == [] for n in range(3))  # the burst, spent
+    chat.leave(alice)
+    chat.keep_bucket(alice)
+    back, _ = chat.join("lobby", "alice", address="10.0.0.1")
+    [reply] = frames(receive(chat, back, "no fresh burst"))
+    assert "slow down" in reply["message"]
+    clock.now += 1  # --rate: one more a second, as if it had stayed
+    assert receive(chat, back, "4") == []
+    other, _ = chat.join("lobby", "bob", address="10.0.0.2")  # another address: its own
+    assert all(receive(chat, other, str(n)) == [] for n in range(3))
+    chat.leave(back)
+    chat.keep_bucket(back)
+    clock.now += 3  # --burst / --rate: full again, and forgotten
+    chat.keep_bucket(other)  # full again too: as good as new, not kept
+    assert not chat.buckets_left
+    again, _ = chat.join("lobby", "alice", address="10.0.0.1")
+    assert all(receive(chat, again, str(n)) == [] for n in range(3))
+
+
+def test_behind_one_address_a_page_back_with_its_key_has_its_own_bucket():
+    chat, clock = make_chat(rate=1, burst=3)
+    alice, out = chat.join("lobby", "alice", address="10.0.0.1")
+    assert frames(receive(chat, alice, "hi", cid="c1"))[0]["event"] == "ack"
+    mallory, _ = chat.join("lobby", "mallory", address="10.0.0.1")  # the same office
+    for _ in range(3):
+        receive(chat, mallory, "spam")
+    for member in (mallory, alice):
+        chat.leave(member)
+        chat.keep_bucket(member)
+    back, _ = chat.join("lobby", "alice", address="10.0.0.1", key=frames(out)[0]["key"])
+    assert receive(chat, back, "1") == [] and receive(chat, back, "2") == []  # what it had
+    newcomer, _ = chat.join("lobby", "nina", address="10.0.0.1")  # no key: the address's
+    assert "slow down" in frames(receive(chat, newcomer, "hello"))[0]["message"]
+
+
+def test_a_flood_goes_on_across_reconnects_until_the_door():
+    chat, clock = make_chat(rate=1, burst=2, flood_close=10)
+    for _ in range(40):  # a new connection every 0.5 s, each with 10 lines
+        alice, _ = chat.join("lobby", "alice")
+        for _ in range(10):
+            receive(chat, alice, "spam")
+        if alice.close_with is not None:
+            break
+        chat.leave(alice)
+        chat.keep_bucket(alice)
+        clock.now += 0.5
+    assert alice.close_with == (1008, "flooding") and clock.now - 1000 >= 10
+    assert alice.room.seq <= 2 + 10  # the burst, then --rate
+
+
 def test_a_client_within_the_rate_is_never_limited():
     chat, clock = make_chat(rate=2, burst=2)
     alice, _ = chat.join("lobby", "alice")
@@ -486,11 +540,22 @@ def test_once_a_change_is_kept_the_next_ones_are_kept_too_even_below_the_crowd()
 def test_a_session_keeps_its_last_1000_lines_and_all_of_the_last_10_minutes():
     session = Session()
     for n in range(1500):  # all within ten minutes: all kept
-        session.remember(f"c{n}", n, now=n * 0.1)
+        session.remember(f"c{n}", n, now=n * 0.1, most=3020)
     assert session.recall("c0") == Acked(0) and len(session.lines) == 1500
-    session.remember("late", None, now=150 + CID_MEMORY_S)  # the first ones are old now
+    session.remember("late", None, now=150 + CID_MEMORY_S, most=3020)  # the first ones are old now
     assert len(session.lines) == 1000 and session.recall("c0") is None
     assert session.recall("late") == Acked(None) and session.recall("c1499") == Acked(1499)
+
+
+def test_a_session_never_keeps_more_lines_than_a_client_within_the_rate_can_send():
+    chat, clock = make_chat(rate=1, burst=20)
+    assert cid_memory_lines(chat.config) == 1000  # 1 x 600 + 20 is fewer
+    assert cid_memory_lines(Config()) == 3020  # --rate 5 x 600 s + --burst 20
+    session = Session()
+    for n in range(5000):  # all within a second: the oldest go all the same
+        session.remember(f"c{n}", n, now=n * 0.0001, most=3020)
+    assert len(session.lines) == 3020 and session.recall("c1979") is None
+    assert session.recall("c1980") == Acked(1980) and session.recall("c4999") == Acked(4999)
 
 
 def test_a_session_is_forgotten_only_once_it_has_been_without_a_connection_long_enough():

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import ROOT, http_get, join
 
+from chatserver_store import NameSession, Prune, Remember, SessionOfKey, Store
+
 FAST = ("--rate", "1000", "--burst", "1000")
 
 
@@ -361,3 +363,23 @@ async def test_a_full_disk_refuses_lines_loses_nothing_acked_and_recovers(run_pr
         assert kept[seq] == message  # every acked line is on disk
     assert kept[after["seq"]] == "after"
     assert sorted(kept) == list(range(1, len(kept) + 1))  # refused lines took no seq
+
+
+async def test_the_file_keeps_at_most_the_newest_lines_a_session_may_remember(tmp_path):
+    """The cap on a session's acked lines (chatserver.cid_memory_lines) holds
+    on disk too: a reload takes the newest, and the minute's prune deletes
+    the rest, young as they are."""
+    path = str(tmp_path / "chat.db")
+    store = Store(path)
+    store.open()
+    try:
+        await store.call(NameSession("key", "session", ("key",)))
+        await asyncio.gather(*(store.call(Remember("session", f"c{n}", n)) for n in range(1200)))
+        _, lines = await store.call(SessionOfKey("key", 1000))
+        assert [cid for cid, _, _ in lines] == [f"c{n}" for n in range(200, 1200)]
+        await store.call(Prune(rooms=10, keep_s=600, most=1000, live=frozenset()))
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        kept = {cid for (cid,) in db.execute("SELECT cid FROM lines")}
+    assert kept == {f"c{n}" for n in range(200, 1200)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import resource
 import signal
@@ -16,6 +17,7 @@ import termios
 import pytest
 from conftest import ROOT, chat_lines, join
 from test_redis import FAST
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from chatserver_workers import owner
@@ -157,3 +159,28 @@ async def test_a_burst_of_connections_is_handed_over_whole(run_process):
     assert set(answers) == {b"HTTP/1.1 101 Switching Protocols\r\n"}
     for _, writer in streams:
         writer.close()
+
+
+async def test_the_parent_refuses_past_max_per_ip_and_lets_other_addresses_in(run_process):
+    """Connections that say nothing wait in the parent: one address may hold
+    --max-per-ip of them, as with a single process, not every place."""
+    parent = run_process("--workers", "2", "--max-clients", "50", "--max-per-ip", "5", *FAST)
+    silent = [await asyncio.open_connection("127.0.0.1", parent.port) for _ in range(60)]
+    refused = 0
+    for reader, _ in silent[5:]:
+        async with asyncio.timeout(5):
+            refused += (await reader.readline()).startswith(b"HTTP/1.1 503")
+    assert refused == 55
+    async with connect(parent.url + "/lobby?name=other", local_addr=("127.0.0.2", 0),
+                       open_timeout=5) as other:
+        assert json.loads(await other.recv())["event"] == "welcome"
+    for _, writer in silent:
+        writer.close()
+    async with asyncio.timeout(5):  # let go once they are closed
+        while True:
+            try:
+                again = await join(parent.url, "lobby", name="again")
+                break
+            except InvalidHandshake:
+                await asyncio.sleep(0.05)
+    assert again.name == "again"
