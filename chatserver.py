@@ -1211,16 +1211,19 @@ class Chat:
     def bucket_for(self, session: str, address: str) -> Bucket:
         """A newcomer's flood control.  A full --burst, unless a connection
         of its session, or else from its address, left with less than that
-        less than --burst / --rate seconds ago: then that bucket, flood and
-        all, as if the newcomer were that connection.  So reconnecting
-        after every few lines (with a key or without) gives no fresh burst,
-        while a page back after a drop has what it had, refilled at --rate
-        (its own: not that of another client behind the same address).
-        Per process."""
-        left = self.buckets_left.get(("session", session)) or \
-            self.buckets_left.get(("address", address))
+        less than --burst / --rate seconds ago: then that bucket's tokens.
+        So reconnecting after every few lines (with a key or without) gives
+        no fresh burst, while a page back after a drop has what it had,
+        refilled at --rate (its own: not that of another client behind the
+        same address).  Its session's flood goes on too, to the door; an
+        address's does not: the newcomer may be someone else in the same
+        office, who has flooded nobody.  Per process."""
+        left = self.buckets_left.get(("session", session))
         if left is not None:
             return dataclasses.replace(left)
+        left = self.buckets_left.get(("address", address))
+        if left is not None:
+            return Bucket(tokens=left.tokens, refilled_at=left.refilled_at)
         return Bucket(tokens=self.config.burst, refilled_at=self.clock())
 
     def keep_bucket(self, member: Member) -> None:

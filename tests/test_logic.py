@@ -430,12 +430,30 @@ def test_behind_one_address_a_page_back_with_its_key_has_its_own_bucket():
     assert "slow down" in frames(receive(chat, newcomer, "hello"))[0]["message"]
 
 
+def test_a_newcomer_from_a_flooders_address_gets_its_tokens_but_not_its_door():
+    chat, clock = make_chat(rate=1, burst=2, flood_close=10)
+    mallory, _ = chat.join("lobby", "mallory", address="10.0.0.1")
+    for _ in range(11):  # a flood of 11 s: the door
+        receive(chat, mallory, "spam")
+        clock.now += 1
+        receive(chat, mallory, "spam")
+        receive(chat, mallory, "spam")
+    assert mallory.close_with == (1008, "flooding")
+    chat.leave(mallory)
+    chat.keep_bucket(mallory)
+    nina, _ = chat.join("lobby", "nina", address="10.0.0.1")  # the same office
+    assert "slow down" in frames(receive(chat, nina, "hello"))[0]["message"]  # no fresh burst
+    assert nina.close_with is None
+
+
 def test_a_flood_goes_on_across_reconnects_until_the_door():
     chat, clock = make_chat(rate=1, burst=2, flood_close=10)
+    key = None
     for _ in range(40):  # a new connection every 0.5 s, each with 10 lines
-        alice, _ = chat.join("lobby", "alice")
-        for _ in range(10):
-            receive(chat, alice, "spam")
+        alice, out = chat.join("lobby", "alice", key=key)  # its session: acked lines
+        key = frames(out)[0]["key"]
+        for n in range(10):
+            receive(chat, alice, "spam", cid=f"c{clock.now}-{n}")
         if alice.close_with is not None:
             break
         chat.leave(alice)
