@@ -1868,9 +1868,21 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer:
             self.timer.cancel()
-        self.release_held()
-        self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
+        if self.answered:
+            self.release_held()
+            self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
+        else:
+            self.let_go_of_handshake()
         self.server.disconnected(self)
+
+    def let_go_of_handshake(self) -> None:
+        """Free the unanswered request's headers (up to 1 MiB) now.  Its
+        protocol and parser refer to each other, and so does an error met
+        while parsing (its traceback holds the parser's frames): only a full
+        garbage collection, which may not come for a long time, would free
+        them."""
+        self.protocol.parser.close()
+        self.protocol.handshake_exc = None
 
     # The handshake
 
