@@ -1325,6 +1325,7 @@ class Fanout:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.metrics = metrics
         self.batch_window = config.batch_window / 1000
+        self.chunk_bytes = config.max_buffer // 4
         self.scheduled: dict[Room, asyncio.Handle] = {}  # rooms with a flush to come
         self.presence_scheduled: set[Room] = set()
         self.running_loop: asyncio.AbstractEventLoop | None = None
@@ -1385,15 +1386,32 @@ class Fanout:
         frames = room.take_pending()
         if not frames:
             return
-        data = b"".join(map(frame_text, frames))
         room.sent_at = self.loop().time()
-        # The hot loop: one write per member, the same bytes for all.  Writes
-        # never remove members (that waits for connection_lost), so the dict
-        # can be walked as it is.
-        for member in room.members.values():
-            member.connection.write(data)
+        data = b"".join(map(frame_text, frames))
+        chunks = (data,) if len(data) <= self.chunk_bytes else self.chunks(data, frames)
+        for chunk in chunks:
+            # The hot loop: one write per member, the same bytes for all.
+            # Writes never remove members (that waits for connection_lost),
+            # so the dict can be walked as it is.
+            for member in room.members.values():
+                member.connection.write(chunk)
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
+
+    def chunks(self, data: bytes, frames: list[bytes]) -> list[memoryview]:
+        """`data`, the wire bytes of `frames`, cut between frames into writes
+        of at most a quarter of --max-buffer (a longer frame alone): a
+        member that does not read is then closed at its limit, not handed a
+        whole burst on top of it.  Only a burst of long lines comes here."""
+        view, chunks, start, end = memoryview(data), [], 0, 0
+        for frame in frames:
+            size = len(frame_text(frame))
+            if end > start and end + size - start > self.chunk_bytes:
+                chunks.append(view[start:end])
+                start = end
+            end += size
+        chunks.append(view[start:])
+        return chunks
 
 
 # Where rooms live: the back-end seam --------------------------------------
@@ -1927,9 +1945,21 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer:
             self.timer.cancel()
-        self.release_held()
-        self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
+        if self.answered:
+            self.release_held()
+            self.protocol.receive_eof()  # the protocol learns the close code (1006 if none)
+        else:
+            self.let_go_of_handshake()
         self.server.disconnected(self)
+
+    def let_go_of_handshake(self) -> None:
+        """Free the unanswered request's headers (up to 1 MiB) now.  Its
+        protocol and parser refer to each other, and so does an error met
+        while parsing (its traceback holds the parser's frames): only a full
+        garbage collection, which may not come for a long time, would free
+        them."""
+        self.protocol.parser.close()
+        self.protocol.handshake_exc = None
 
     # The handshake
 
@@ -2002,12 +2032,15 @@ class Client(asyncio.Protocol):
 
     # Sending
 
-    def write(self, data: bytes) -> None:
-        """The one path by which chat frames reach a client."""
+    def write(self, data: bytes | memoryview) -> None:
+        """The one path by which chat frames reach a client.  A client is
+        closed as too slow rather than have more than --max-buffer bytes
+        wait for it (unless nothing waits: one write always goes)."""
         if self.protocol.state is not State.OPEN:
             return
         transport = self.transport
-        if transport.get_write_buffer_size() > self.max_buffer:
+        waiting = transport.get_write_buffer_size()
+        if waiting + len(data) > self.max_buffer and waiting:
             self.server.drop(self, "too slow")
             return
         transport.write(data)
@@ -2597,7 +2630,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     add("--allow-origin", action="append", default=[], metavar="ORIGIN",
         help="accept pages from this Origin only (repeatable; default: any origin)")
     add("--max-buffer", type=int, default=MAX_BUFFER_BYTES,
-        help="bytes waiting for a slow client before it is closed as too slow")
+        help="bytes waiting for a client at most: a write that would pass it closes "
+             "the client as too slow (1008) instead")
     add("--handshake-timeout", type=float, default=HANDSHAKE_TIMEOUT_S,
         help="seconds a client has to finish the opening handshake")
     add("--ping-interval", type=float, default=PING_INTERVAL_S,
