@@ -993,7 +993,7 @@ class Chat:
             name = room.unique_name(wanted or f"guest-{secrets.token_hex(2)}")
         sid = self.keys.get(key) if key else None
         session = sid or secrets.token_urlsafe(16)
-        member = Member(name, room, address, bucket=self.bucket_for(session, address),
+        member = Member(name, room, address, bucket=self.bucket_for(sid, address),
                         verified=identity is not None,
                         mod=identity is not None and identity.mod, session=session)
         if sid is not None:
@@ -1208,29 +1208,34 @@ class Chat:
     # Flood control: a token bucket per member, which outlives its
     # connection until it is full again.
 
-    def bucket_for(self, session: str, address: str) -> Bucket:
+    def bucket_for(self, session: str | None, address: str) -> Bucket:
         """A newcomer's flood control.  A full --burst, unless a connection
-        of its session, or else from its address, left with less than that
-        less than --burst / --rate seconds ago: then that bucket's tokens.
-        So reconnecting after every few lines (with a key or without) gives
-        no fresh burst, while a page back after a drop has what it had,
-        refilled at --rate (its own: not that of another client behind the
-        same address).  Its session's flood goes on too, to the door; an
-        address's does not: the newcomer may be someone else in the same
-        office, who has flooded nobody.  Per process."""
-        left = self.buckets_left.get(("session", session))
-        if left is not None:
-            return dataclasses.replace(left)
-        left = self.buckets_left.get(("address", address))
-        if left is not None:
-            return Bucket(tokens=left.tokens, refilled_at=left.refilled_at)
+        of the session its key named, or else (no session named) from its
+        address, left with less than that less than --burst / --rate
+        seconds ago: then that bucket's tokens.  So reconnecting after every
+        few lines (with a key or without) gives no fresh burst, while a page
+        back after a drop has what it had, refilled at --rate (its own: not
+        that of another client behind the same address).  Its session's
+        flood goes on too, to the door; an address's does not: the newcomer
+        may be someone else in the same office, who has flooded nobody.
+        A connection taken over by its key leaves its bucket first (see
+        keep_bucket).  Per process."""
+        if session is not None:
+            left = self.buckets_left.get(("session", session))
+            if left is not None:
+                return dataclasses.replace(left)
+        else:
+            left = self.buckets_left.get(("address", address))
+            if left is not None:
+                return Bucket(tokens=left.tokens, refilled_at=left.refilled_at)
         return Bucket(tokens=self.config.burst, refilled_at=self.clock())
 
     def keep_bucket(self, member: Member) -> None:
-        """`member`'s connection is gone: keep its bucket for its session
-        and for its address, unless one kept there has fewer tokens (the
-        emptiest is what a newcomer gets).  At most 2 x --max-clients are
-        kept (the longest kept go first), most for a few seconds."""
+        """`member`'s connection is gone, or taken over by its key: keep its
+        bucket for its session and for its address, unless one kept there
+        has fewer tokens (the emptiest is what a newcomer gets).  At most
+        2 x --max-clients are kept (the longest kept go first), most for a
+        few seconds."""
         now = self.clock()
         full_after = self.config.burst / self.config.rate
         while self.buckets_left:  # full again, as if new: forget them
@@ -1642,6 +1647,7 @@ class MemoryRooms(Rooms):
         holder = chat.holder(ticket.room, ticket.name, ticket.key, ticket.identity)
         if holder is not None:
             chat.leave(holder, replaced=True)
+            chat.keep_bucket(holder)  # the newcomer goes on with it
             self.replace(holder)
         with self.fanout.joining(room):
             return chat.join(ticket.room, ticket.name, ticket.since, ticket.epoch,

@@ -1015,9 +1015,13 @@ class RedisRooms(Rooms):
             except Unconfirmed:  # it may have taken a name: ours in Redis are put right
                 self.spawn(self.reconcile(room.name))
                 raise
-            epoch, last_seq, frames, taken_over, session = claim
+            epoch, last_seq, frames, taken_over, session, fresh = claim
+            holder = room.members.get(fold(name)) if taken_over else None
+            if holder is not None and holder.has_key(taking_over):
+                self.chat.keep_bucket(holder)  # the newcomer goes on with it
             member = Member(name, room, ticket.address, key=key,
-                            bucket=self.chat.bucket_for(session.decode(), ticket.address),
+                            bucket=self.chat.bucket_for(None if fresh else session.decode(),
+                                                        ticket.address),
                             previous_key=ticket.key, session=session.decode(),
                             verified=identity is not None,
                             mod=identity is not None and identity.mod)
@@ -1141,7 +1145,7 @@ class RedisRooms(Rooms):
         guest name) in Redis, announcing the join; `wanted` held by the
         member whose key is `taking_over` is taken from it.  Returns the name
         and the room's epoch, last seq, history, whether it was taken over,
-        and the newcomer's session."""
+        the newcomer's session, and whether that is new (no key named it)."""
         start = 1
         while True:
             if wanted is None:
@@ -1172,8 +1176,8 @@ class RedisRooms(Rooms):
                 + [self.proc_rooms_key, f"chat:key:{taking_over or '-'}", f"chat:key:{key}",
                    f"chat:{room.name}:topic"],
                 args)
-            if result[0]:
-                return names[result[0] - 1], result[1:]
+            if result[0]:  # and whether the session is a new one
+                return names[result[0] - 1], [*result[1:], result[-1].decode() == args[5]]
             if verified:  # taken meanwhile by another newcomer
                 raise Unavailable("your name was taken as you came in; try again")
             start += NAME_CANDIDATES

@@ -605,13 +605,14 @@ class StoreRooms(MemoryRooms):
     # What clients do
 
     async def join(self, ticket: Ticket) -> tuple[Member, Outgoing]:
-        # A room past --room-ttl that the sweep has not reached yet is read
-        # from the file like any other it forgot, not opened anew.
-        self.chat.forget_if_expired(ticket.room)
-        if ticket.room not in self.chat.rooms:
-            await self.load(ticket)
         if ticket.key and ticket.key not in self.chat.keys:
             await self.load_session(ticket.key)
+        # A room past --room-ttl that the sweep has not reached yet is read
+        # from the file like any other it forgot, not opened anew; with no
+        # wait between this and the join, which would find it expired.
+        self.chat.forget_if_expired(ticket.room)
+        if ticket.room not in self.chat.rooms:
+            await self.load(ticket)  # it opens the room: not expired then
         member, out = await super().join(ticket)
         kept = tuple(self.chat.sessions[member.session].keys)
         self.spawn(NameSession(member.key, member.session, kept))

@@ -91,6 +91,23 @@ async def test_reconnecting_after_every_few_lines_gives_no_fresh_burst(start_cha
     assert acked <= 5 + 5 * (time.monotonic() - started) + 1
 
 
+async def test_a_connection_taken_over_by_its_key_hands_on_its_flood_control(start_chat):
+    """A page back with its key while its old connection is still open (it
+    takes the name over) goes on with that connection's allowance: opening
+    the next before closing the last gave a fresh burst."""
+    chat = await start_chat(rate=1, burst=5)
+    room = chat.room()
+    first = await chat.join(room, name="flooder", acks=1, at=0)
+    for n in range(5):
+        await first.send(json.dumps({"cid": f"b{n}", "line": "spam"}))
+    frames = await first.recv_until(lambda f: f.get("cid") == "b4")
+    assert [f["event"] for f in frames if "cid" in f] == ["ack"] * 5
+    second = await chat.join(room, name="flooder", acks=1, key=first.welcome["key"], at=0)
+    await second.send(json.dumps({"cid": "over", "line": "one more"}))
+    answer = (await second.recv_until(lambda f: f.get("cid") == "over"))[-1]
+    assert answer["event"] == "error" and "slow down" in answer["message"]
+
+
 # Connection limits: each process counts its own clients, so with several
 # processes every client of these tests goes to the first (at=0).
 

@@ -430,6 +430,22 @@ def test_behind_one_address_a_page_back_with_its_key_has_its_own_bucket():
     assert "slow down" in frames(receive(chat, newcomer, "hello"))[0]["message"]
 
 
+def test_a_page_back_with_its_key_is_not_given_a_flooders_bucket():
+    chat, clock = make_chat(rate=1, burst=3)
+    alice, out = chat.join("lobby", "alice", address="10.0.0.1")
+    assert frames(receive(chat, alice, "hi", cid="c1"))[0]["event"] == "ack"
+    clock.now += 1  # full again: nothing of hers is kept
+    chat.leave(alice)
+    chat.keep_bucket(alice)
+    mallory, _ = chat.join("lobby", "mallory", address="10.0.0.1")
+    for _ in range(5):
+        receive(chat, mallory, "spam")
+    chat.leave(mallory)
+    chat.keep_bucket(mallory)
+    back, _ = chat.join("lobby", "alice", address="10.0.0.1", key=frames(out)[0]["key"])
+    assert all(receive(chat, back, str(n)) == [] for n in range(3))  # her own: a full one
+
+
 def test_a_newcomer_from_a_flooders_address_gets_its_tokens_but_not_its_door():
     chat, clock = make_chat(rate=1, burst=2, flood_close=10)
     mallory, _ = chat.join("lobby", "mallory", address="10.0.0.1")

@@ -235,6 +235,36 @@ def test_a_store_path_that_cannot_be_opened_stops_the_start(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+async def test_a_join_kept_waiting_by_the_store_as_its_room_expires_gets_the_room_back(
+        run_process, tmp_path):
+    """A newcomer whose key the server reads from the file waits while the
+    store is busy (another program holds its write lock, and a line in
+    another room waits for it); meanwhile the room's --room-ttl runs out.
+    It gets the room from the file, with its epoch and history: it was
+    opened anew, empty (the expiry was checked before the wait only)."""
+    db = tmp_path / "rooms.db"
+    server = run_process("--store", str(db), "--room-ttl", "0.3")
+    alice = await join(server.url, "kept", name="alice")
+    await alice.send("one")
+    await alice.expect(type="user")
+    await alice.close()
+    carol = await join(server.url, "elsewhere", name="carol")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        await carol.send("a line that waits for the lock")
+        await asyncio.sleep(0.1)  # its commit has begun (a read in its group would not wait)
+        joining = asyncio.ensure_future(join(server.url, "kept", name="bob", key="k" * 22))
+        await asyncio.sleep(0.7)  # the ttl runs out; less than the store waits for a lock
+        assert not joining.done()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    bob = await joining
+    assert bob.welcome["epoch"] == alice.welcome["epoch"]
+    assert [f["message"] for f in bob.backlog if f["type"] == "user"] == ["one"]
+
+
 async def test_a_second_process_on_the_same_store_refuses_to_start(run_process, tmp_path):
     db = str(tmp_path / "chat.db")
     first = run_process("--store", db)
