@@ -408,33 +408,39 @@
     return anchor;
   });
   const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
-  function richText(text) {
-    const fragment = document.createDocumentFragment();
+  const MAY_LINK = /https?:\/\//i;  // cheaper than the search below, for the many lines without
+
+  // Appends to `node`: the text as text nodes, its URLs as links.
+  function richText(text, node) {
+    if (!MAY_LINK.test(text)) {
+      if (text) node.append(text);
+      return;
+    }
     let at = 0;
     for (const match of text.matchAll(URL_IN_TEXT)) {
       const candidate = trimUrl(match[0]);
+      const clean = candidate.replace(INVISIBLE, '');
       let url = null;
       try {
-        url = new URL(candidate.replace(INVISIBLE, ''));
+        url = new URL(clean);
         if (url.protocol !== 'http:' && url.protocol !== 'https:') url = null;
       } catch { /* not a URL after all: leave it as text */ }
       if (!url) continue;
       if (url.username) url.username = '';
       if (url.password) url.password = '';
-      if (match.index > at) fragment.append(text.slice(at, match.index));
+      if (match.index > at) node.append(text.slice(at, match.index));
       const anchor = LINK();
-      anchor.textContent = linkText(candidate, url);
+      anchor.textContent = linkText(clean, url);
       anchor.href = url.href;
-      fragment.append(anchor);
+      node.append(anchor);
       at = match.index + candidate.length;
     }
-    if (at < text.length) fragment.append(text.slice(at));
-    return fragment;
+    if (at < text.length) node.append(text.slice(at));
   }
 
-  // What a link says: as typed, but with the host the browser will open.
-  function linkText(candidate, url) {
-    const clean = candidate.replace(INVISIBLE, '');
+  // What a link says: as typed (without invisible characters), but with the
+  // host the browser will open.
+  function linkText(clean, url) {
     const authority = clean.indexOf('//') + 2;
     let end = clean.slice(authority).search(/[/?#\\]/);
     end = end < 0 ? clean.length : authority + end;
@@ -483,7 +489,7 @@
     nameElement(frame.id, head.firstChild);
     if (frame.verified === true) time.before(verifiedBadge());
     if (own) time.before(el('span', 'you', 'you'));
-    row.lastChild.append(richText(frame.message));
+    richText(frame.message, row.lastChild);
     if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
@@ -501,7 +507,7 @@
     const text = el('div', 'text');
     const body = el('span', 'action-text');
     body.dir = 'auto';
-    body.append(richText(frame.message));
+    richText(frame.message, body);
     text.append(el('span', 'action-mark', '✱ '), nameElement(frame.id));
     if (frame.verified === true) text.append(verifiedBadge());
     text.append(' ', body);
@@ -574,7 +580,9 @@
   // waits for the next frame, once for however many rows came meanwhile.
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
-    list.insertBefore(row, mine ? null : placeFor(row));
+    const before = mine ? null : placeFor(row);
+    list.insertBefore(row, before);
+    if (before) view.daysToMend = true;  // the row below may now need a separator
     keepNear(row);
     if (row.hasAttribute('data-day')) separateDay(row);
     group(row);
@@ -587,7 +595,10 @@
 
   // The conversation sticks to its newest line unless the reader scrolled up
   // to read, also when the window (or a phone's keyboard) changes its size.
-  const view = { atBottom: true, frame: 0, endTop: -1 };
+  // daysToMend: a row was put above others, replaced or taken out, so the
+  // day separators may be off until mendDays (the common case, rows added at
+  // the end, gets its separator from separateDay and needs no walk of 1,000 rows).
+  const view = { atBottom: true, frame: 0, endTop: -1, daysToMend: false };
 
   // A hidden tab gets no animation frames: a timer then, so that a busy
   // room's rows are still trimmed while nobody looks.
@@ -622,7 +633,7 @@
       mendDays();
       if (list.firstElementChild) group(list.firstElementChild);
       if (anchor) list.scrollTop += anchor.getBoundingClientRect().top - before;
-    } else {
+    } else if (view.daysToMend) {
       mendDays();
     }
     if (view.atBottom) scrollToEnd();
@@ -684,7 +695,10 @@
     const day = row.getAttribute('data-day');
     let node = row.previousElementSibling;
     for (let i = 0; node; i += 1, node = node.previousElementSibling) {
-      if (i === DAY_LOOKBACK) return;
+      if (i === DAY_LOOKBACK) {
+        view.daysToMend = true;
+        return;
+      }
       const above = node.getAttribute('data-day');
       if (above === day) return;  // its day's separator, or a message of that day
       if (above !== null) break;  // a message of another day
@@ -694,16 +708,17 @@
 
   // One separator above the first row of each day, and no other.
   function mendDays() {
+    view.daysToMend = false;
     let lastDay = null;
     let separator = null;  // the separator just passed, not yet claimed
     for (let node = ui.messages.firstElementChild; node;) {
       const next = node.nextElementSibling;
-      const day = node.dataset.day;
+      const day = node.getAttribute('data-day');
       if (node.classList.contains('day')) {
         if (separator) separator.remove();
         separator = node;
       } else if (day && day !== lastDay) {
-        if (!separator || separator.dataset.day !== day) {
+        if (!separator || separator.getAttribute('data-day') !== day) {
           if (separator) separator.remove();
           ui.messages.insertBefore(daySeparator(day), node);
           group(node);
@@ -746,7 +761,15 @@
     const next = row.nextElementSibling;
     row.remove();
     if (next) group(next);
+    view.daysToMend = true;
     settle();
+  }
+
+  // A row in place of another (a line of ours acked, refused, or its echo).
+  function replaceRow(old, row) {
+    old.replaceWith(row);
+    group(row);
+    view.daysToMend = true;
   }
 
   function group(row) {
@@ -764,8 +787,9 @@
     const gap = rowTimes.get(row) - rowTimes.get(previous);
     // Same name and same standing: a guest who took a verified member's name
     // after it left must not pass as the rest of its block (no head, no badge).
-    return previous.dataset.sender === row.dataset.sender
-      && previous.dataset.verified === row.dataset.verified && gap >= 0 && gap < GROUP_WINDOW_MS;
+    return previous.getAttribute('data-sender') === row.getAttribute('data-sender')
+      && previous.getAttribute('data-verified') === row.getAttribute('data-verified')
+      && gap >= 0 && gap < GROUP_WINDOW_MS;
   }
 
   function say(text) {  // for screen readers, through the live region
@@ -934,9 +958,11 @@
     gap: { missed: [isCount, false] },
   };
   const COMMON = { message: [isText, true], ts: [isTs, false], room: [isText, false] };
-  // The same as lists of [field, check, required], made once, not per frame.
+  // The same as lists of { field, check, required }, made once, not per
+  // frame, and read with a plain loop: a history's thousand frames are
+  // checked before V8 has optimized anything, where destructuring is slow.
   const asRules = (fields) => Object.entries(fields)
-    .map(([field, [check, required]]) => [field, check, required]);
+    .map(([field, [check, required]]) => ({ field, check, required }));
   const COMMON_RULES = asRules(COMMON);
   const RULES = new Map(Object.entries(FIELDS)
     .map(([kind, fields]) => [kind, asRules({ ...COMMON, ...fields })]));
@@ -947,8 +973,10 @@
     if (frame.type === 'user') rules = RULES.get('user');
     else if (frame.type === 'sys' && isText(frame.event)) rules = RULES.get(frame.event) || COMMON_RULES;
     else return false;
-    for (const [field, check, required] of rules) {
-      if (frame[field] === undefined ? required : !check(frame[field])) return false;
+    for (let i = 0; i < rules.length; i += 1) {
+      const rule = rules[i];
+      const value = frame[rule.field];
+      if (value === undefined ? rule.required : !rule.check(value)) return false;
     }
     return true;
   }
@@ -981,7 +1009,9 @@
   // Your name as a word, or @name, in any case.
   const mentionPatterns = new Map();
   function mentionsUs(frame) {
-    return [chat.name, chat.preferred].some((name) => name && mentionPattern(name).test(frame.message));
+    const { name, preferred } = chat;
+    return (!!name && mentionPattern(name).test(frame.message))
+      || (!!preferred && mentionPattern(preferred).test(frame.message));
   }
 
   function mentionPattern(name) {
@@ -1007,8 +1037,7 @@
     const row = messageRow(frame, own);
     if (acked) {
       earlyRows.delete(acked);
-      acked.replaceWith(row);
-      group(row);
+      replaceRow(acked, row);
       return;
     }
     const mention = !own && mentionsUs(frame);
@@ -1026,8 +1055,9 @@
       }
       updateTitle();
     }
-    const spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
-    show(row, { announce: history || own ? '' : spoken, mine: own && !history });
+    let spoken = '';
+    if (!history && !own) spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
+    show(row, { announce: spoken, mine: own && !history });
   }
 
   // A desktop notification for a mention while the tab is hidden, if the
@@ -1374,8 +1404,7 @@
         const row = messageRow({ ...message, id: echo.dataset.sender,
           verified: echo.dataset.verified === '1',
           ts: rowTimes.get(echo) }, true);
-        echo.replaceWith(row);
-        group(row);
+        replaceRow(echo, row);
       }
       return;
     }
@@ -1384,8 +1413,7 @@
       row.classList.add('early');
       earlyRows.add(row);
     }
-    entry.row.replaceWith(row);
-    group(row);
+    replaceRow(entry.row, row);
   }
 
   // Refused: the line stays, with the reason, to be edited or discarded.
@@ -1399,9 +1427,8 @@
   function refuse(entry, reason) {
     entry.refused = reason;
     const row = outgoingRow(entry);
-    entry.row.replaceWith(row);
+    replaceRow(entry.row, row);
     entry.row = row;
-    group(row);
     say(`Not sent: ${reason}`);
     keep();
   }
