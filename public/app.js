@@ -577,7 +577,8 @@
   // lines still sending (they stay last until the server has them) and our
   // lines acked before their echo came with a later seq. Our own new lines
   // (`mine`) go last. Layout work (trimming, day separators, scrolling)
-  // waits for the next frame, once for however many rows came meanwhile.
+  // waits for the next frame, once for however many rows came meanwhile;
+  // at the end of the conversation, old rows leave at once (trimSoon).
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
     const before = mine ? null : placeFor(row);
@@ -591,6 +592,7 @@
     else if (!view.atBottom && row.classList.contains('msg')) ui.jump.hidden = false;
     if (announce) say(announce);
     settle();
+    if (view.atBottom) trimSoon();
   }
 
   // The conversation sticks to its newest line unless the reader scrolled up
@@ -598,7 +600,9 @@
   // daysToMend: a row was put above others, replaced or taken out, so the
   // day separators may be off until mendDays (the common case, rows added at
   // the end, gets its separator from separateDay and needs no walk of 1,000 rows).
-  const view = { atBottom: true, frame: 0, endTop: -1, daysToMend: false };
+  const view = {
+    atBottom: true, frame: 0, endTop: -1, daysToMend: false, trimming: false,
+  };
 
   // A hidden tab gets no animation frames: a timer then, so that a busy
   // room's rows are still trimmed while nobody looks.
@@ -622,21 +626,73 @@
   function settled() {
     view.frame = 0;
     const list = ui.messages;
-    const excess = list.childElementCount - MAX_ROWS;
-    if (excess > 0) {
+    if (tooMany()) {
       const anchor = view.atBottom ? null : list.lastElementChild;
       const before = anchor ? anchor.getBoundingClientRect().top : 0;
-      for (let i = 0; i < excess; i += 1) {
-        earlyRows.delete(list.firstElementChild);
-        list.firstElementChild.remove();
-      }
-      mendDays();
-      if (list.firstElementChild) group(list.firstElementChild);
+      dropOldest();
       if (anchor) list.scrollTop += anchor.getBoundingClientRect().top - before;
-    } else if (view.daysToMend) {
-      mendDays();
     }
+    if (view.daysToMend) mendDays();
     if (view.atBottom) scrollToEnd();
+  }
+
+  // At the end of the conversation there is no place to keep: the oldest
+  // rows leave once the task that brought new ones is done (a history's
+  // thousand rows come in one), before the browser lays the list out. In
+  // the next frame they would cost a second layout of every row.
+  function trimSoon() {
+    if (view.trimming) return;
+    view.trimming = true;
+    queueMicrotask(() => {
+      view.trimming = false;
+      if (view.atBottom && tooMany()) dropOldest();
+    });
+  }
+
+  // A day's separator at the top is not counted: it stays above the rest
+  // of its day's rows, so that trimming never has to put one back.
+  function tooMany() {
+    const list = ui.messages;
+    const top = list.firstElementChild;
+    return list.childElementCount - MAX_ROWS - (top && isDay(top) ? 1 : 0) > 0;
+  }
+
+  // The oldest rows go until there are MAX_ROWS, the separator at the top
+  // with the last row of its day.
+  function dropOldest() {
+    const list = ui.messages;
+    while (tooMany()) {
+      const top = list.firstElementChild;
+      const oldest = isDay(top) ? top.nextElementSibling : top;
+      earlyRows.delete(oldest);
+      oldest.remove();
+      dropEmptyDay();
+    }
+    const top = list.firstElementChild;
+    if (!top) return;
+    group(top);  // the first row shows its sender again
+    if (top.nextElementSibling) group(top.nextElementSibling);
+  }
+
+  function dropEmptyDay() {
+    const top = ui.messages.firstElementChild;
+    if (!top || !isDay(top)) return;
+    let node = top.nextElementSibling;
+    for (let i = 0; node; i += 1, node = node.nextElementSibling) {
+      if (i === DAY_LOOKBACK) {  // only notices nearby: mendDays decides
+        view.daysToMend = true;
+        return;
+      }
+      const day = node.getAttribute('data-day');
+      if (day === null) continue;  // a notice: no day
+      if (!isDay(node) && day === top.getAttribute('data-day')) return;  // a row of its day
+      break;
+    }
+    top.remove();
+  }
+
+  function isDay(row) {
+    return row.classList.contains('day');
   }
 
   // The rows before the newest screenful or two are laid out only once they
