@@ -408,7 +408,10 @@
     return anchor;
   });
   const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
-  const MAY_LINK = /https?:\/\//i;  // cheaper than the search below, for the many lines without
+  // Quick tests first, for the common case: most lines have no link, most
+  // links no invisible character.
+  const MAY_LINK = /https?:\/\//i;
+  const HAS_INVISIBLE = new RegExp(INVISIBLE.source);
 
   // Appends to `node`: the text as text nodes, its URLs as links.
   function richText(text, node) {
@@ -419,7 +422,7 @@
     let at = 0;
     for (const match of text.matchAll(URL_IN_TEXT)) {
       const candidate = trimUrl(match[0]);
-      const clean = candidate.replace(INVISIBLE, '');
+      const clean = HAS_INVISIBLE.test(candidate) ? candidate.replace(INVISIBLE, '') : candidate;
       let url = null;
       try {
         url = new URL(clean);
@@ -448,6 +451,7 @@
   }
 
   function trimUrl(candidate) {
+    if (!/[.,;:!?)]$/.test(candidate)) return candidate;
     // "see https://x.org/a." ends the sentence, not the URL; keep (a) in wiki links.
     let url = candidate.replace(/[.,;:!?]+$/, '');
     while (url.endsWith(')') && (url.split('(').length < url.split(')').length)) {
@@ -457,8 +461,9 @@
   }
 
   // A message row's sender, standing, seq and day as attributes, and its
-  // time, in `time` and kept for grouping (see continues).
-  const rowTimes = new WeakMap();
+  // time, in `time`. What grouping compares (see continues) is also kept
+  // aside, read without asking the DOM, as it is for each of a thousand rows.
+  const rowFacts = new WeakMap();  // row -> { time, sender, verified, action }
 
   function stamp(row, frame, time) {
     const when = Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date();
@@ -466,7 +471,9 @@
     if (frame.verified === true) row.setAttribute('data-verified', '1');
     if (Number.isInteger(frame.seq)) row.setAttribute('data-seq', frame.seq);
     row.setAttribute('data-day', minuteOf(when).day);
-    rowTimes.set(row, when.getTime());
+    rowFacts.set(row, {
+      time: when.getTime(), sender: frame.id, verified: frame.verified === true, action: !!frame.action,
+    });
     timeElement(when, time);
   }
 
@@ -724,7 +731,9 @@
     const list = ui.messages;
     const top = list.getBoundingClientRect().top;
     let shift = 0;
-    for (const { target: row, borderBoxSize: [size] } of entries) {
+    for (let i = 0; i < entries.length; i += 1) {  // a history's first: 1,000 at once
+      const row = entries[i].target;
+      const size = entries[i].borderBoxSize[0];
       if (!row.isConnected) {  // gone (trimmed, deleted, another room)
         farSizes.unobserve(row);
         continue;
@@ -838,15 +847,16 @@
   }
 
   function continues(previous, row) {
-    if (!previous || !row.classList.contains('msg') || row.classList.contains('action')) return false;
-    if (!previous.classList.contains('msg') || previous.classList.contains('action')) return false;
-    const gap = rowTimes.get(row) - rowTimes.get(previous);
+    const facts = previous ? rowFacts.get(row) : undefined;
+    const above = facts ? rowFacts.get(previous) : undefined;
+    if (!above || facts.action || above.action) return false;  // not two chat lines
+    const gap = facts.time - above.time;
     // Same name and same standing: a guest who took a verified member's name
     // after it left must not pass as the rest of its block (no head, no badge).
-    return previous.getAttribute('data-sender') === row.getAttribute('data-sender')
-      && previous.getAttribute('data-verified') === row.getAttribute('data-verified')
+    return above.sender === facts.sender && above.verified === facts.verified
       && gap >= 0 && gap < GROUP_WINDOW_MS;
   }
+
 
   function say(text) {  // for screen readers, through the live region
     const line = el('p', '', text);
@@ -1459,7 +1469,7 @@
       if (!echo.classList.contains('own')) {
         const row = messageRow({ ...message, id: echo.dataset.sender,
           verified: echo.dataset.verified === '1',
-          ts: rowTimes.get(echo) }, true);
+          ts: rowFacts.get(echo).time }, true);
         replaceRow(echo, row);
       }
       return;
