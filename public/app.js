@@ -40,6 +40,7 @@
   const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
   const TS_MAX = 8.64e15;         // the last millisecond a Date can hold
   const MINUTES_KEPT = 10000;     // minutes already written out, kept for reuse
+  const HUES_KEPT = 10000;        // names whose colour was worked out, kept for reuse
   const DAY_LOOKBACK = 50;        // rows a new one looks back for its day's separator
   const NEAR_ROWS_PER_PX = 1 / 16;  // rows kept laid out at the end: one per 16 px of
   const NEAR_ROWS_MORE = 10;        // window height (the smallest row is 24), and 10 more
@@ -390,10 +391,18 @@
     return button;
   }
 
+  const hues = new Map();  // worked out once per name, not per row
+
   function hue(name) {
-    let hash = 0;
-    for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
-    return hash % 8;
+    let known = hues.get(name);
+    if (known === undefined) {
+      let hash = 0;
+      for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+      known = hash % 8;
+      if (hues.size >= HUES_KEPT) hues.clear();
+      hues.set(name, known);
+    }
+    return known;
   }
 
   // Text with its http(s) URLs as links; anything else stays text. A link
@@ -420,7 +429,8 @@
       return;
     }
     let at = 0;
-    for (const match of text.matchAll(URL_IN_TEXT)) {
+    URL_IN_TEXT.lastIndex = 0;  // exec, not matchAll: that copies the RegExp on every call
+    for (let match = URL_IN_TEXT.exec(text); match; match = URL_IN_TEXT.exec(text)) {
       const candidate = trimUrl(match[0]);
       const clean = HAS_INVISIBLE.test(candidate) ? candidate.replace(INVISIBLE, '') : candidate;
       let url = null;
@@ -429,8 +439,10 @@
         if (url.protocol !== 'http:' && url.protocol !== 'https:') url = null;
       } catch { /* not a URL after all: leave it as text */ }
       if (!url) continue;
-      if (url.username) url.username = '';
-      if (url.password) url.password = '';
+      if (clean.includes('@')) {  // the only way in for a user name or password
+        url.username = '';
+        url.password = '';
+      }
       if (match.index > at) node.append(text.slice(at, match.index));
       const anchor = LINK();
       anchor.textContent = linkText(clean, url);
