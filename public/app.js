@@ -40,6 +40,7 @@
   const WHO_INTERVAL_PER_MEMBER_MS = 20;  // a crowd, where everyone asks at once
   const TS_MAX = 8.64e15;         // the last millisecond a Date can hold
   const MINUTES_KEPT = 10000;     // minutes already written out, kept for reuse
+  const HUES_KEPT = 10000;        // names whose colour was worked out, kept for reuse
   const DAY_LOOKBACK = 50;        // rows a new one looks back for its day's separator
   const NEAR_ROWS_PER_PX = 1 / 16;  // rows kept laid out at the end: one per 16 px of
   const NEAR_ROWS_MORE = 10;        // window height (the smallest row is 24), and 10 more
@@ -390,10 +391,18 @@
     return button;
   }
 
+  const hues = new Map();  // worked out once per name, not per row
+
   function hue(name) {
-    let hash = 0;
-    for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
-    return hash % 8;
+    let known = hues.get(name);
+    if (known === undefined) {
+      let hash = 0;
+      for (const char of name) hash = (hash * 31 + char.codePointAt(0)) >>> 0;
+      known = hash % 8;
+      if (hues.size >= HUES_KEPT) hues.clear();
+      hues.set(name, known);
+    }
+    return known;
   }
 
   // Text with its http(s) URLs as links; anything else stays text. A link
@@ -408,33 +417,45 @@
     return anchor;
   });
   const INVISIBLE = /[\u00AD\u061C\u180E\u200B-\u200F\u202A-\u202E\u2060-\u2069\uFEFF]/g;
-  function richText(text) {
-    const fragment = document.createDocumentFragment();
+  // Quick tests first, for the common case: most lines have no link, most
+  // links no invisible character.
+  const MAY_LINK = /https?:\/\//i;
+  const HAS_INVISIBLE = new RegExp(INVISIBLE.source);
+
+  // Appends to `node`: the text as text nodes, its URLs as links.
+  function richText(text, node) {
+    if (!MAY_LINK.test(text)) {
+      if (text) node.append(text);
+      return;
+    }
     let at = 0;
-    for (const match of text.matchAll(URL_IN_TEXT)) {
+    URL_IN_TEXT.lastIndex = 0;  // exec, not matchAll: that copies the RegExp on every call
+    for (let match = URL_IN_TEXT.exec(text); match; match = URL_IN_TEXT.exec(text)) {
       const candidate = trimUrl(match[0]);
+      const clean = HAS_INVISIBLE.test(candidate) ? candidate.replace(INVISIBLE, '') : candidate;
       let url = null;
       try {
-        url = new URL(candidate.replace(INVISIBLE, ''));
+        url = new URL(clean);
         if (url.protocol !== 'http:' && url.protocol !== 'https:') url = null;
       } catch { /* not a URL after all: leave it as text */ }
       if (!url) continue;
-      if (url.username) url.username = '';
-      if (url.password) url.password = '';
-      if (match.index > at) fragment.append(text.slice(at, match.index));
+      if (clean.includes('@')) {  // the only way in for a user name or password
+        url.username = '';
+        url.password = '';
+      }
+      if (match.index > at) node.append(text.slice(at, match.index));
       const anchor = LINK();
-      anchor.textContent = linkText(candidate, url);
+      anchor.textContent = linkText(clean, url);
       anchor.href = url.href;
-      fragment.append(anchor);
+      node.append(anchor);
       at = match.index + candidate.length;
     }
-    if (at < text.length) fragment.append(text.slice(at));
-    return fragment;
+    if (at < text.length) node.append(text.slice(at));
   }
 
-  // What a link says: as typed, but with the host the browser will open.
-  function linkText(candidate, url) {
-    const clean = candidate.replace(INVISIBLE, '');
+  // What a link says: as typed (without invisible characters), but with the
+  // host the browser will open.
+  function linkText(clean, url) {
     const authority = clean.indexOf('//') + 2;
     let end = clean.slice(authority).search(/[/?#\\]/);
     end = end < 0 ? clean.length : authority + end;
@@ -442,6 +463,7 @@
   }
 
   function trimUrl(candidate) {
+    if (!/[.,;:!?)]$/.test(candidate)) return candidate;
     // "see https://x.org/a." ends the sentence, not the URL; keep (a) in wiki links.
     let url = candidate.replace(/[.,;:!?]+$/, '');
     while (url.endsWith(')') && (url.split('(').length < url.split(')').length)) {
@@ -451,8 +473,9 @@
   }
 
   // A message row's sender, standing, seq and day as attributes, and its
-  // time, in `time` and kept for grouping (see continues).
-  const rowTimes = new WeakMap();
+  // time, in `time`. What grouping compares (see continues) is also kept
+  // aside, read without asking the DOM, as it is for each of a thousand rows.
+  const rowFacts = new WeakMap();  // row -> { time, sender, verified, action }
 
   function stamp(row, frame, time) {
     const when = Number.isFinite(frame.ts) ? new Date(frame.ts) : new Date();
@@ -460,7 +483,9 @@
     if (frame.verified === true) row.setAttribute('data-verified', '1');
     if (Number.isInteger(frame.seq)) row.setAttribute('data-seq', frame.seq);
     row.setAttribute('data-day', minuteOf(when).day);
-    rowTimes.set(row, when.getTime());
+    rowFacts.set(row, {
+      time: when.getTime(), sender: frame.id, verified: frame.verified === true, action: !!frame.action,
+    });
     timeElement(when, time);
   }
 
@@ -483,7 +508,7 @@
     nameElement(frame.id, head.firstChild);
     if (frame.verified === true) time.before(verifiedBadge());
     if (own) time.before(el('span', 'you', 'you'));
-    row.lastChild.append(richText(frame.message));
+    richText(frame.message, row.lastChild);
     if (chat.mod && Number.isInteger(frame.seq)) row.append(messageModButton(frame));
     return row;
   }
@@ -501,7 +526,7 @@
     const text = el('div', 'text');
     const body = el('span', 'action-text');
     body.dir = 'auto';
-    body.append(richText(frame.message));
+    richText(frame.message, body);
     text.append(el('span', 'action-mark', '✱ '), nameElement(frame.id));
     if (frame.verified === true) text.append(verifiedBadge());
     text.append(' ', body);
@@ -571,10 +596,13 @@
   // lines still sending (they stay last until the server has them) and our
   // lines acked before their echo came with a later seq. Our own new lines
   // (`mine`) go last. Layout work (trimming, day separators, scrolling)
-  // waits for the next frame, once for however many rows came meanwhile.
+  // waits for the next frame, once for however many rows came meanwhile;
+  // at the end of the conversation, old rows leave at once (trimSoon).
   function show(row, { announce = '', mine = false } = {}) {
     const list = ui.messages;
-    list.insertBefore(row, mine ? null : placeFor(row));
+    const before = mine ? null : placeFor(row);
+    list.insertBefore(row, before);
+    if (before) view.daysToMend = true;  // the row below may now need a separator
     keepNear(row);
     if (row.hasAttribute('data-day')) separateDay(row);
     group(row);
@@ -583,11 +611,17 @@
     else if (!view.atBottom && row.classList.contains('msg')) ui.jump.hidden = false;
     if (announce) say(announce);
     settle();
+    if (view.atBottom) trimSoon();
   }
 
   // The conversation sticks to its newest line unless the reader scrolled up
   // to read, also when the window (or a phone's keyboard) changes its size.
-  const view = { atBottom: true, frame: 0, endTop: -1 };
+  // daysToMend: a row was put above others, replaced or taken out, so the
+  // day separators may be off until mendDays (the common case, rows added at
+  // the end, gets its separator from separateDay and needs no walk of 1,000 rows).
+  const view = {
+    atBottom: true, frame: 0, endTop: -1, daysToMend: false, trimming: false,
+  };
 
   // A hidden tab gets no animation frames: a timer then, so that a busy
   // room's rows are still trimmed while nobody looks.
@@ -611,21 +645,73 @@
   function settled() {
     view.frame = 0;
     const list = ui.messages;
-    const excess = list.childElementCount - MAX_ROWS;
-    if (excess > 0) {
+    if (tooMany()) {
       const anchor = view.atBottom ? null : list.lastElementChild;
       const before = anchor ? anchor.getBoundingClientRect().top : 0;
-      for (let i = 0; i < excess; i += 1) {
-        earlyRows.delete(list.firstElementChild);
-        list.firstElementChild.remove();
-      }
-      mendDays();
-      if (list.firstElementChild) group(list.firstElementChild);
+      dropOldest();
       if (anchor) list.scrollTop += anchor.getBoundingClientRect().top - before;
-    } else {
-      mendDays();
     }
+    if (view.daysToMend) mendDays();
     if (view.atBottom) scrollToEnd();
+  }
+
+  // At the end of the conversation there is no place to keep: the oldest
+  // rows leave once the task that brought new ones is done (a history's
+  // thousand rows come in one), before the browser lays the list out. In
+  // the next frame they would cost a second layout of every row.
+  function trimSoon() {
+    if (view.trimming) return;
+    view.trimming = true;
+    queueMicrotask(() => {
+      view.trimming = false;
+      if (view.atBottom && tooMany()) dropOldest();
+    });
+  }
+
+  // A day's separator at the top is not counted: it stays above the rest
+  // of its day's rows, so that trimming never has to put one back.
+  function tooMany() {
+    const list = ui.messages;
+    const top = list.firstElementChild;
+    return list.childElementCount - MAX_ROWS - (top && isDay(top) ? 1 : 0) > 0;
+  }
+
+  // The oldest rows go until there are MAX_ROWS, the separator at the top
+  // with the last row of its day.
+  function dropOldest() {
+    const list = ui.messages;
+    while (tooMany()) {
+      const top = list.firstElementChild;
+      const oldest = isDay(top) ? top.nextElementSibling : top;
+      earlyRows.delete(oldest);
+      oldest.remove();
+      dropEmptyDay();
+    }
+    const top = list.firstElementChild;
+    if (!top) return;
+    group(top);  // the first row shows its sender again
+    if (top.nextElementSibling) group(top.nextElementSibling);
+  }
+
+  function dropEmptyDay() {
+    const top = ui.messages.firstElementChild;
+    if (!top || !isDay(top)) return;
+    let node = top.nextElementSibling;
+    for (let i = 0; node; i += 1, node = node.nextElementSibling) {
+      if (i === DAY_LOOKBACK) {  // only notices nearby: mendDays decides
+        view.daysToMend = true;
+        return;
+      }
+      const day = node.getAttribute('data-day');
+      if (day === null) continue;  // a notice: no day
+      if (!isDay(node) && day === top.getAttribute('data-day')) return;  // a row of its day
+      break;
+    }
+    top.remove();
+  }
+
+  function isDay(row) {
+    return row.classList.contains('day');
   }
 
   // The rows before the newest screenful or two are laid out only once they
@@ -657,7 +743,9 @@
     const list = ui.messages;
     const top = list.getBoundingClientRect().top;
     let shift = 0;
-    for (const { target: row, borderBoxSize: [size] } of entries) {
+    for (let i = 0; i < entries.length; i += 1) {  // a history's first: 1,000 at once
+      const row = entries[i].target;
+      const size = entries[i].borderBoxSize[0];
       if (!row.isConnected) {  // gone (trimmed, deleted, another room)
         farSizes.unobserve(row);
         continue;
@@ -684,7 +772,10 @@
     const day = row.getAttribute('data-day');
     let node = row.previousElementSibling;
     for (let i = 0; node; i += 1, node = node.previousElementSibling) {
-      if (i === DAY_LOOKBACK) return;
+      if (i === DAY_LOOKBACK) {
+        view.daysToMend = true;
+        return;
+      }
       const above = node.getAttribute('data-day');
       if (above === day) return;  // its day's separator, or a message of that day
       if (above !== null) break;  // a message of another day
@@ -694,16 +785,17 @@
 
   // One separator above the first row of each day, and no other.
   function mendDays() {
+    view.daysToMend = false;
     let lastDay = null;
     let separator = null;  // the separator just passed, not yet claimed
     for (let node = ui.messages.firstElementChild; node;) {
       const next = node.nextElementSibling;
-      const day = node.dataset.day;
+      const day = node.getAttribute('data-day');
       if (node.classList.contains('day')) {
         if (separator) separator.remove();
         separator = node;
       } else if (day && day !== lastDay) {
-        if (!separator || separator.dataset.day !== day) {
+        if (!separator || separator.getAttribute('data-day') !== day) {
           if (separator) separator.remove();
           ui.messages.insertBefore(daySeparator(day), node);
           group(node);
@@ -746,7 +838,15 @@
     const next = row.nextElementSibling;
     row.remove();
     if (next) group(next);
+    view.daysToMend = true;
     settle();
+  }
+
+  // A row in place of another (a line of ours acked, refused, or its echo).
+  function replaceRow(old, row) {
+    old.replaceWith(row);
+    group(row);
+    view.daysToMend = true;
   }
 
   function group(row) {
@@ -759,14 +859,16 @@
   }
 
   function continues(previous, row) {
-    if (!previous || !row.classList.contains('msg') || row.classList.contains('action')) return false;
-    if (!previous.classList.contains('msg') || previous.classList.contains('action')) return false;
-    const gap = rowTimes.get(row) - rowTimes.get(previous);
+    const facts = previous ? rowFacts.get(row) : undefined;
+    const above = facts ? rowFacts.get(previous) : undefined;
+    if (!above || facts.action || above.action) return false;  // not two chat lines
+    const gap = facts.time - above.time;
     // Same name and same standing: a guest who took a verified member's name
     // after it left must not pass as the rest of its block (no head, no badge).
-    return previous.dataset.sender === row.dataset.sender
-      && previous.dataset.verified === row.dataset.verified && gap >= 0 && gap < GROUP_WINDOW_MS;
+    return above.sender === facts.sender && above.verified === facts.verified
+      && gap >= 0 && gap < GROUP_WINDOW_MS;
   }
+
 
   function say(text) {  // for screen readers, through the live region
     const line = el('p', '', text);
@@ -934,9 +1036,11 @@
     gap: { missed: [isCount, false] },
   };
   const COMMON = { message: [isText, true], ts: [isTs, false], room: [isText, false] };
-  // The same as lists of [field, check, required], made once, not per frame.
+  // The same as lists of { field, check, required }, made once, not per
+  // frame, and read with a plain loop: a history's thousand frames are
+  // checked before V8 has optimized anything, where destructuring is slow.
   const asRules = (fields) => Object.entries(fields)
-    .map(([field, [check, required]]) => [field, check, required]);
+    .map(([field, [check, required]]) => ({ field, check, required }));
   const COMMON_RULES = asRules(COMMON);
   const RULES = new Map(Object.entries(FIELDS)
     .map(([kind, fields]) => [kind, asRules({ ...COMMON, ...fields })]));
@@ -947,8 +1051,10 @@
     if (frame.type === 'user') rules = RULES.get('user');
     else if (frame.type === 'sys' && isText(frame.event)) rules = RULES.get(frame.event) || COMMON_RULES;
     else return false;
-    for (const [field, check, required] of rules) {
-      if (frame[field] === undefined ? required : !check(frame[field])) return false;
+    for (let i = 0; i < rules.length; i += 1) {
+      const rule = rules[i];
+      const value = frame[rule.field];
+      if (value === undefined ? rule.required : !rule.check(value)) return false;
     }
     return true;
   }
@@ -981,7 +1087,9 @@
   // Your name as a word, or @name, in any case.
   const mentionPatterns = new Map();
   function mentionsUs(frame) {
-    return [chat.name, chat.preferred].some((name) => name && mentionPattern(name).test(frame.message));
+    const { name, preferred } = chat;
+    return (!!name && mentionPattern(name).test(frame.message))
+      || (!!preferred && mentionPattern(preferred).test(frame.message));
   }
 
   function mentionPattern(name) {
@@ -1007,8 +1115,7 @@
     const row = messageRow(frame, own);
     if (acked) {
       earlyRows.delete(acked);
-      acked.replaceWith(row);
-      group(row);
+      replaceRow(acked, row);
       return;
     }
     const mention = !own && mentionsUs(frame);
@@ -1026,8 +1133,9 @@
       }
       updateTitle();
     }
-    const spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
-    show(row, { announce: history || own ? '' : spoken, mine: own && !history });
+    let spoken = '';
+    if (!history && !own) spoken = frame.action ? `${frame.id} ${frame.message}` : `${frame.id}: ${frame.message}`;
+    show(row, { announce: spoken, mine: own && !history });
   }
 
   // A desktop notification for a mention while the tab is hidden, if the
@@ -1373,9 +1481,8 @@
       if (!echo.classList.contains('own')) {
         const row = messageRow({ ...message, id: echo.dataset.sender,
           verified: echo.dataset.verified === '1',
-          ts: rowTimes.get(echo) }, true);
-        echo.replaceWith(row);
-        group(row);
+          ts: rowFacts.get(echo).time }, true);
+        replaceRow(echo, row);
       }
       return;
     }
@@ -1384,8 +1491,7 @@
       row.classList.add('early');
       earlyRows.add(row);
     }
-    entry.row.replaceWith(row);
-    group(row);
+    replaceRow(entry.row, row);
   }
 
   // Refused: the line stays, with the reason, to be edited or discarded.
@@ -1399,9 +1505,8 @@
   function refuse(entry, reason) {
     entry.refused = reason;
     const row = outgoingRow(entry);
-    entry.row.replaceWith(row);
+    replaceRow(entry.row, row);
     entry.row = row;
-    group(row);
     say(`Not sent: ${reason}`);
     keep();
   }

@@ -896,6 +896,84 @@ def test_days_are_separated_and_today_stays_true_after_midnight(open_page, site)
         server.stop()
 
 
+def test_a_days_separator_goes_with_its_last_message_when_deleted(open_page, site):
+    async def handler(ws, path):
+        await ws.send(json.dumps(welcome(name="me", ts=ms("2026-11-27T12:00:00"))))
+        await ws.send(json.dumps(user(1, "ann", "on the 26th", ms("2026-11-26T10:00:00"))))
+        await ws.send(json.dumps(user(2, "bob", "on the 27th", ms("2026-11-27T10:00:00"))))
+        await read_all(ws, server)
+
+    server = FakeServer(handler)
+    try:
+        page = open_page(page_url(site, server=server.url, name="me"), timezone_id="UTC",
+                         clock_at=ms("2026-11-27T12:00:00"))
+        page.wait_online()
+        days = page.page.locator("#messages > li.day")
+        expect(days).to_have_text(["Yesterday", "Today"])
+        server.send({"type": "sys", "event": "delete", "room": "lobby", "seq": 1, "by": "mod",
+                     "message": "mod deleted a message", "ts": ms("2026-11-27T12:00:01")})
+        expect(page.notice("mod deleted a message")).to_have_count(1)
+        expect(page.chat_texts).to_have_text(["on the 27th"])
+        expect(days).to_have_text(["Today"])
+    finally:
+        server.stop()
+
+
+def test_old_rows_leave_at_the_end_with_their_days_separator_and_the_first_shows_its_sender(
+        open_page, site):
+    # 1,000 lines of history, the first two a day before the rest: the page
+    # keeps 1,000 rows, a day's separator at the top aside. The separator
+    # stays above what is left of its day and goes with its last line; the
+    # line then first shows its sender, though it continued a block. (At the
+    # end, the oldest rows leave in the task that brought new ones, not in
+    # the next frame: trimSoon in app.js.)
+    rows = 1000
+    today = ms("2026-11-27T10:00:00")
+
+    async def handler(ws, path):
+        await ws.send(json.dumps(welcome(name="me", seq=rows, ts=ms("2026-11-27T12:00:00"))))
+        for seq in (1, 2):
+            await ws.send(json.dumps(user(seq, "ann", f"line {seq}", ms("2026-11-26T10:00:00"))))
+        for seq in range(3, rows + 1):  # 3 and 4 from one sender, a second apart: one block
+            sender = "cy" if seq in (3, 4) else ("ann", "bob")[seq % 2]
+            await ws.send(json.dumps(user(seq, sender, f"line {seq}", today + seq * 1000)))
+        await read_all(ws, server)
+
+    def more(*seqs: int) -> None:
+        server.send(*(user(seq, "bob", f"line {seq}", today + seq * 1000) for seq in seqs))
+        expect(page.chat_texts.last).to_have_text(f"line {seqs[-1]}")
+
+    server = FakeServer(handler)
+    try:
+        page = open_page(page_url(site, server=server.url, name="me"), timezone_id="UTC",
+                         clock_at=ms("2026-11-27T12:00:00"))
+        page.wait_online()
+        expect(page.chat_texts.last).to_have_text(f"line {rows}")
+        days = page.page.locator("#messages > li.day")
+        first_row = "document.getElementById('messages').firstElementChild.className"
+        # The welcome and line 1 went; line 2 keeps its day's separator.
+        expect(days).to_have_text(["Yesterday", "Today"])
+        expect(page.chat_texts.first).to_have_text("line 2")
+        expect(page.chat_lines).to_have_count(rows - 1)
+        assert page.page.evaluate(first_row) == "day"
+
+        more(rows + 1)  # line 2 goes, and "Yesterday" with it
+        expect(days).to_have_text(["Today"])
+        expect(page.chat_texts.first).to_have_text("line 3")
+        expect(page.chat_lines).to_have_count(rows - 1)
+        expect(page.chat_lines.nth(1)).to_have_class(re.compile(r"\bcontinued\b"))
+
+        more(rows + 2, rows + 3)  # line 3 goes: line 4 now starts the list
+        expect(page.chat_texts.first).to_have_text("line 4")
+        expect(page.chat_lines).to_have_count(rows)
+        expect(page.chat_lines.first).not_to_have_class(re.compile(r"\bcontinued\b"))
+        expect(page.chat_lines.first.locator(".sender")).to_be_visible()
+        expect(days).to_have_text(["Today"])
+        assert page.page.evaluate(first_row) == "day"
+    finally:
+        server.stop()
+
+
 def test_tab_completes_names_and_clicking_a_sender_mentions_them(open_page, site, chat_server):
     others = [ws_client(chat_server.url, name=name) for name in ("bob", "bobby", "carol")]
     page = open_page(page_url(site, server=chat_server.url, name="alice"))
