@@ -1392,8 +1392,9 @@ class Fanout:
         if not frames:
             return
         room.sent_at = self.loop().time()
-        data = b"".join(map(frame_text, frames))
-        chunks = (data,) if len(data) <= self.chunk_bytes else self.chunks(data, frames)
+        wire = list(map(frame_text, frames))  # (join makes this list anyway)
+        data = b"".join(wire)
+        chunks = (data,) if len(data) <= self.chunk_bytes else self.chunks(data, wire)
         for chunk in chunks:
             # The hot loop: one write per member, the same bytes for all.
             # Writes never remove members (that waits for connection_lost),
@@ -1403,14 +1404,14 @@ class Fanout:
         self.metrics.messages_broadcast += len(frames)
         self.metrics.frames_delivered += len(frames) * len(room.members)
 
-    def chunks(self, data: bytes, frames: list[bytes]) -> list[memoryview]:
-        """`data`, the wire bytes of `frames`, cut between frames into writes
+    def chunks(self, data: bytes, wire: list[bytes]) -> list[memoryview]:
+        """`data`, the frames `wire` joined, cut between frames into writes
         of at most a quarter of --max-buffer (a longer frame alone): a
         member that does not read is then closed at its limit, not handed a
         whole burst on top of it.  Only a burst of long lines comes here."""
         view, chunks, start, end = memoryview(data), [], 0, 0
-        for frame in frames:
-            size = len(frame_text(frame))
+        for frame in wire:
+            size = len(frame)
             if end > start and end + size - start > self.chunk_bytes:
                 chunks.append(view[start:end])
                 start = end
